@@ -1,0 +1,2 @@
+"""`blockcrypt audit ...` (owned by the key-store work)."""
+from . import cli  # noqa: F401

@@ -1,0 +1,9 @@
+"""`blockcrypt disk ...`."""
+import click
+
+from . import cli
+
+
+@cli.group("disk")
+def disk_group():
+    """Encrypted and plain virtual disks."""

@@ -1,0 +1,306 @@
+"""The one exception tree of blockcrypt.
+
+Every error a user can meet is a subclass of :class:`BlockcryptError`.  The class
+docstring's first line is the message template (``str.format`` fields filled from
+the constructor's keyword arguments); ``exit_code`` is the process exit status the
+CLI uses.  Only the CLI entry point prints errors and exits.  Tests compare
+against ``SomeError.exit_code``, never a bare number.
+
+Messages say what failed, on which object, and the next step.  They never
+contain key material: pass names and ids, never bytes of a secret.
+
+Exit code table (ranges, one place):
+
+    0       success
+    1       internal error (a bug: please report it)
+    2       command-line usage error (click)
+    10-19   invalid input (names, sizes, arguments)
+    20-29   object not found (store, key, disk, snapshot)
+    30-39   object in the wrong state for the request
+    40-49   passphrase / authentication
+    50-59   cryptographic failure (unwrap, tampered blob, weak key)
+    60-69   container format (header parsing)
+    70-79   refused by the encryption model (no conversion, no CMK change)
+    80-89   environment (missing tool, not root, no block device, server)
+    90-99   storage I/O
+"""
+from __future__ import annotations
+
+
+class BlockcryptError(Exception):
+    """blockcrypt failed: {detail}"""
+
+    exit_code = 1
+
+    def __init__(self, message: str | None = None, **fields):
+        self.fields = fields
+        if message is None:
+            template = (type(self).__doc__ or "").strip().splitlines()[0]
+            try:
+                message = template.format(**fields)
+            except (KeyError, IndexError):  # a bug in a raise site; keep the template
+                message = template
+        self.message = message
+        super().__init__(message)
+
+    def to_dict(self) -> dict:
+        return {"error": type(self).__name__, "message": self.message,
+                "exit_code": self.exit_code}
+
+
+# 10-19: invalid input -------------------------------------------------------
+
+class InvalidInput(BlockcryptError):
+    """invalid input: {detail}"""
+    exit_code = 10
+
+
+class InvalidName(InvalidInput):
+    """invalid {what} name {name!r}: {reason}; use 1-64 characters of A-Z a-z 0-9 . _ - not starting with '.'"""
+    exit_code = 11
+
+
+class InvalidSize(InvalidInput):
+    """invalid size {size!r}: {reason}"""
+    exit_code = 12
+
+
+class InvalidKeyMaterial(InvalidInput):
+    """invalid key: {reason}"""
+    exit_code = 13
+
+
+# 20-29: not found ------------------------------------------------------------
+
+class NotFound(BlockcryptError):
+    """{what} {name!r} not found"""
+    exit_code = 20
+
+
+class StoreNotFound(NotFound):
+    """no blockcrypt store at {home}; run `blockcrypt init` first"""
+    exit_code = 21
+
+
+class KeyNotFound(NotFound):
+    """key {name!r} not found; run `blockcrypt key list` to see the keys"""
+    exit_code = 22
+
+
+class DiskNotFound(NotFound):
+    """disk {name!r} not found; run `blockcrypt disk list` to see the disks"""
+    exit_code = 23
+
+
+class SnapshotNotFound(NotFound):
+    """snapshot {name!r} not found; run `blockcrypt snapshot list` to see the snapshots"""
+    exit_code = 24
+
+
+# 30-39: wrong state ----------------------------------------------------------
+
+class StateError(BlockcryptError):
+    """{detail}"""
+    exit_code = 30
+
+
+class AlreadyExists(StateError):
+    """{what} {name!r} already exists; choose another name"""
+    exit_code = 31
+
+
+class KeyStateError(StateError):
+    """key {key_id} is {state}: {detail}"""
+    exit_code = 32
+
+
+class KeyInUse(StateError):
+    """key {key_id} is used by {dependants}; {next_step}"""
+    exit_code = 33
+
+
+class ServiceKeyProtected(StateError):
+    """{key_id} is the service key (alias blockcrypt/default) and cannot be {action}"""
+    exit_code = 34
+
+
+class DiskAttached(StateError):
+    """disk {name!r} is attached at {device}; run `blockcrypt disk detach {name}` first"""
+    exit_code = 35
+
+
+class DiskNotAttached(StateError):
+    """disk {name!r} is not attached"""
+    exit_code = 36
+
+
+class DeviceBusy(StateError):
+    """disk {name!r} is mounted at {mountpoint}; unmount it (umount {mountpoint}) and retry"""
+    exit_code = 37
+
+
+class ImportTokenError(StateError):
+    """import for key {key_id} refused: {detail}"""
+    exit_code = 38
+
+
+# 40-49: passphrase ------------------------------------------------------------
+
+class PassphraseError(BlockcryptError):
+    """passphrase problem: {detail}"""
+    exit_code = 40
+
+
+class PassphraseRequired(PassphraseError):
+    """the store passphrase is needed: pass --passphrase-file FILE, set BLOCKCRYPT_PASSPHRASE_FILE, or run on a terminal to be prompted"""
+    exit_code = 41
+
+
+class WrongPassphrase(PassphraseError):
+    """wrong passphrase for the store at {home}; nothing was changed"""
+    exit_code = 42
+
+
+class PassphraseFileError(PassphraseError):
+    """cannot read passphrase file {path}: {reason}"""
+    exit_code = 43
+
+
+# 50-59: cryptography ----------------------------------------------------------
+
+class CryptoError(BlockcryptError):
+    """cryptographic failure: {detail}"""
+    exit_code = 50
+
+
+class UnwrapError(CryptoError):
+    """cannot unwrap the data key of {what}: {reason}"""
+    exit_code = 51
+
+
+class BlobFormatError(CryptoError):
+    """wrapped data key is malformed: {reason}"""
+    exit_code = 52
+
+
+# 60-69: container format -----------------------------------------------------
+
+class FormatError(BlockcryptError):
+    """{path}: not a usable blockcrypt container: {reason}"""
+    exit_code = 60
+
+
+class BadMagic(FormatError):
+    """{path}: not a blockcrypt container (bad magic)"""
+    exit_code = 61
+
+
+class UnknownVersion(FormatError):
+    """{path}: container format version {version} is not supported by this blockcrypt; upgrade blockcrypt"""
+    exit_code = 62
+
+
+class ChecksumMismatch(FormatError):
+    """{path}: both header copies fail their checksum; the container is damaged"""
+    exit_code = 63
+
+
+class Truncated(FormatError):
+    """{path}: file is truncated ({size} bytes, need {need})"""
+    exit_code = 64
+
+
+class BadGeometry(FormatError):
+    """{path}: inconsistent geometry: {reason}"""
+    exit_code = 65
+
+
+class UnsupportedSectorSize(FormatError):
+    """{path}: sector size {sector_size} is not supported (use 512 or 4096)"""
+    exit_code = 66
+
+
+class UnknownCipher(FormatError):
+    """{path}: unknown cipher {cipher!r}"""
+    exit_code = 67
+
+
+# 70-79: encryption model refusals --------------------------------------------
+
+class PolicyRefused(BlockcryptError):
+    """refused: {detail}; to move data between disks use `blockcrypt disk copy SRC DST`"""
+    exit_code = 70
+
+
+class ConversionRefused(PolicyRefused):
+    """refused: {detail}; an encrypted disk never becomes unencrypted in place, nor the reverse. To move data, create a new disk and run `blockcrypt disk copy SRC DST`"""
+    exit_code = 71
+
+
+class CmkChangeRefused(PolicyRefused):
+    """refused: a disk's customer master key never changes ({detail}); create a disk under the other key and run `blockcrypt disk copy SRC DST`"""
+    exit_code = 72
+
+
+class ExportRefused(PolicyRefused):
+    """refused: snapshot {name!r} is encrypted and encrypted snapshots cannot be exported; create a disk from it and copy the files with `blockcrypt disk copy SRC DST`"""
+    exit_code = 73
+
+
+class LineageMismatch(PolicyRefused):
+    """refused: snapshot {snapshot!r} does not belong to disk {disk!r} (different data key lineage); create a new disk with `blockcrypt disk create NAME --from-snapshot {snapshot}`"""
+    exit_code = 74
+
+
+# 80-89: environment ------------------------------------------------------------
+
+class EnvironmentProblem(BlockcryptError):
+    """{detail}"""
+    exit_code = 80
+
+
+class MissingTool(EnvironmentProblem):
+    """{tool} not found; install it with `apt-get install {package}` (or run `make install`)"""
+    exit_code = 81
+
+
+class NotRoot(EnvironmentProblem):
+    """{action} needs root; run it with sudo"""
+    exit_code = 82
+
+
+class NoBlockDevice(EnvironmentProblem):
+    """cannot attach disk {name!r}: {reason}"""
+    exit_code = 83
+
+
+class ServerError(EnvironmentProblem):
+    """nbdkit for disk {name!r} failed: {reason}"""
+    exit_code = 84
+
+
+class CommandFailed(EnvironmentProblem):
+    """{cmd} failed (exit {rc}): {stderr}"""
+    exit_code = 85
+
+
+# 90-99: storage --------------------------------------------------------------
+
+class StorageError(BlockcryptError):
+    """I/O error on {path}: {reason}"""
+    exit_code = 90
+
+
+class NoSpace(StorageError):
+    """no space left for {path}; free space or move the blockcrypt home"""
+    exit_code = 91
+
+
+def all_error_classes() -> list[type[BlockcryptError]]:
+    """Every class in the tree (used by tests to check codes are unique)."""
+    out, todo = [], [BlockcryptError]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out

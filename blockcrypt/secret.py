@@ -1,0 +1,145 @@
+"""A small type for key material: data keys, CMK material, passphrases.
+
+Python gives no reliable way to wipe memory (see pyca/cryptography's
+limitations): immutable ``bytes`` copies may be made by libraries we call.  This
+type does what can be done: it keeps the secret in one mutable ``bytearray``,
+locks those pages in memory with ``mlock`` where the system allows (so they are
+not swapped out), redacts itself in ``repr``/``str`` (so a traceback or a log
+line never shows it), and overwrites the buffer on :meth:`wipe` (also at exit of
+a ``with`` block and on garbage collection).
+
+Pass ``secret.view()`` (a memoryview over the buffer) to primitives that accept
+bytes-like objects, so no extra immutable copy is made on our side.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hmac
+import os
+
+_libc = None
+
+
+def _get_libc():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        except OSError:  # pragma: no cover - no libc: no mlock
+            _libc = False
+    return _libc
+
+
+def _address(buf: bytearray) -> int:
+    return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+
+
+def disable_core_dumps() -> None:
+    """Make this process non-dumpable (no core file, no ptrace by other uids).
+
+    Called by every process that holds a plaintext key: the nbdkit plugin and the
+    CLI.  PR_SET_DUMPABLE = 4.
+    """
+    libc = _get_libc()
+    if libc:
+        libc.prctl(4, 0, 0, 0, 0)
+
+
+class Secret:
+    """Secret bytes with a redacted repr, mlock, and wipe()."""
+
+    __slots__ = ("_buf", "_locked", "__weakref__")
+
+    def __init__(self, data: bytes | bytearray | memoryview | int):
+        if isinstance(data, int):
+            self._buf = bytearray(data)
+        else:
+            self._buf = bytearray(data)
+        self._locked = False
+        self._lock()
+
+    @classmethod
+    def random(cls, n: int) -> "Secret":
+        s = cls(n)
+        s._buf[:] = os.urandom(n)
+        return s
+
+    @classmethod
+    def read_exact_fd(cls, fd: int, n: int) -> "Secret":
+        """Read exactly n bytes from fd into a fresh secret (for key hand-over pipes)."""
+        s = cls(n)
+        view = memoryview(s._buf)
+        got = 0
+        while got < n:
+            k = os.readv(fd, [view[got:]])
+            if k == 0:
+                s.wipe()
+                raise EOFError(f"key descriptor closed after {got} of {n} bytes")
+            got += k
+        return s
+
+    def _lock(self) -> None:
+        libc = _get_libc()
+        if libc and len(self._buf):
+            self._locked = libc.mlock(ctypes.c_void_p(_address(self._buf)),
+                                      ctypes.c_size_t(len(self._buf))) == 0
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def view(self) -> memoryview:
+        """A memoryview of the secret bytes (no copy)."""
+        if self.wiped:
+            raise ValueError("secret has been wiped")
+        return memoryview(self._buf)
+
+    def reveal(self) -> bytes:
+        """An immutable copy; only for APIs that insist on bytes. Avoid."""
+        return bytes(self.view())
+
+    @property
+    def wiped(self) -> bool:
+        return self._buf is None
+
+    def wipe(self) -> None:
+        buf = self._buf
+        if buf is None:
+            return
+        n = len(buf)
+        if n:
+            ctypes.memset(_address(buf), 0, n)
+            libc = _get_libc()
+            if self._locked and libc:
+                libc.munlock(ctypes.c_void_p(_address(buf)), ctypes.c_size_t(n))
+        self._buf = None
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Secret):
+            other = other.view()
+        if isinstance(other, (bytes, bytearray, memoryview)):
+            return hmac.compare_digest(self.view(), other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __enter__(self) -> "Secret":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wipe()
+
+    def __del__(self):
+        try:
+            self.wipe()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "wiped" if self.wiped else f"{len(self._buf)} bytes"
+        return f"<Secret {state} redacted>"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("Secret objects cannot be pickled")
