@@ -9,6 +9,7 @@ half-way.  Each subsystem registers its own DDL with :func:`register_schema`;
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sqlite3
 from pathlib import Path
@@ -17,6 +18,9 @@ from .home import private_umask
 
 _SCHEMAS: list[tuple[str, str]] = []
 BUSY_TIMEOUT_S = 60.0
+# Modules that call register_schema at import; imported by connect() so every
+# connection sees every table, whatever the caller imported first.
+SCHEMA_MODULES = ("blockcrypt.catalog", "blockcrypt.kms.store")
 
 
 def register_schema(name: str, ddl: str) -> None:
@@ -27,6 +31,8 @@ def register_schema(name: str, ddl: str) -> None:
 
 def connect(db_path: Path, create: bool = False) -> sqlite3.Connection:
     """Open the database; with create=False a missing file raises FileNotFoundError."""
+    for mod in SCHEMA_MODULES:
+        importlib.import_module(mod)
     if not create and not Path(db_path).exists():
         raise FileNotFoundError(str(db_path))
     with private_umask():

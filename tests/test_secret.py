@@ -1,0 +1,87 @@
+import ctypes
+import gc
+import os
+import pickle
+
+import pytest
+
+from blockcrypt.secret import Secret, disable_core_dumps
+
+
+def test_repr_and_str_redact():
+    s = Secret(b"\x01\x02hunter2")
+    for text in (repr(s), str(s), f"{s}", repr([s])):
+        assert "hunter2" not in text and "redacted" in text
+
+
+def test_wipe_zeroes_the_buffer_in_place():
+    s = Secret(b"A" * 64)
+    buf = s._buf  # the very bytearray the secret lives in
+    s.wipe()
+    assert bytes(buf) == bytes(64)
+    assert s.wiped
+    with pytest.raises(ValueError):
+        s.view()
+    s.wipe()  # idempotent
+
+
+def test_context_manager_wipes():
+    with Secret(b"B" * 32) as s:
+        buf = s._buf
+        assert s.view().tobytes() == b"B" * 32
+    assert bytes(buf) == bytes(32)
+
+
+def test_equality_constant_time_and_unhashable():
+    assert Secret(b"abc") == b"abc"
+    assert Secret(b"abc") == Secret(b"abc")
+    assert not (Secret(b"abc") == b"abd")
+    with pytest.raises(TypeError):
+        hash(Secret(b"x"))
+
+
+def test_cannot_pickle():
+    with pytest.raises(TypeError):
+        pickle.dumps(Secret(b"x"))
+
+
+def test_random_and_lengths():
+    a, b = Secret.random(64), Secret.random(64)
+    assert len(a) == 64 and a != b.view()
+
+
+def test_read_exact_fd_from_pipe():
+    r, w = os.pipe()
+    os.write(w, b"k" * 40)
+    os.write(w, b"k" * 24)
+    os.close(w)
+    s = Secret.read_exact_fd(r, 64)
+    assert s == b"k" * 64
+    os.close(r)
+
+
+def test_read_exact_fd_short_raises_without_content():
+    r, w = os.pipe()
+    os.write(w, b"secretbytes")
+    os.close(w)
+    with pytest.raises(EOFError) as ei:
+        Secret.read_exact_fd(r, 64)
+    assert b"secretbytes".decode() not in str(ei.value)
+    os.close(r)
+
+
+def test_memory_is_locked_when_allowed():
+    s = Secret.random(64)
+    if os.geteuid() == 0:
+        assert s._locked  # root may always mlock
+
+
+def test_disable_core_dumps_sets_not_dumpable(tmp_path):
+    # Run in a child so the test process stays dumpable.
+    pid = os.fork()
+    if pid == 0:
+        disable_core_dumps()
+        libc = ctypes.CDLL(None)
+        os._exit(0 if libc.prctl(3, 0, 0, 0, 0) == 0 else 1)  # PR_GET_DUMPABLE
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
