@@ -225,6 +225,11 @@ class UnknownCipher(FormatError):
     exit_code = 67
 
 
+class MalformedHeader(FormatError):
+    """{path}: malformed header field: {reason}"""
+    exit_code = 68
+
+
 # 70-79: encryption model refusals --------------------------------------------
 
 class PolicyRefused(BlockcryptError):
