@@ -183,6 +183,11 @@ class BlobFormatError(CryptoError):
     exit_code = 52
 
 
+class AuditTampered(CryptoError):
+    """the audit trail was tampered with: {detail}"""
+    exit_code = 53
+
+
 # 60-69: container format -----------------------------------------------------
 
 class FormatError(BlockcryptError):

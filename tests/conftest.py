@@ -75,7 +75,9 @@ def run_cli(*args, home: Path | None = None, passphrase_file: Path | None = None
     argv += [str(a) for a in args]
     full_env = dict(os.environ)
     full_env.update(env or {})
-    cp = subprocess.run(argv, capture_output=True, input=input, env=full_env,
+    # No terminal on stdin unless input is given: a command must never hang on a prompt.
+    stdin = None if input is not None else subprocess.DEVNULL
+    cp = subprocess.run(argv, capture_output=True, input=input, stdin=stdin, env=full_env,
                         timeout=timeout, cwd=REPO)
     if check and cp.returncode != 0:
         raise AssertionError(f"{argv} exited {cp.returncode}\nstdout: {cp.stdout.decode()}"
