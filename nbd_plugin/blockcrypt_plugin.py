@@ -1,0 +1,243 @@
+"""nbdkit Python plugin serving one blockcrypt container.
+
+    nbdkit -f -U SOCKET python nbd_plugin/blockcrypt_plugin.py \\
+        file=CONTAINER [keyfd=N] [readonly=true|false] [discard=true|false]
+
+A thin adapter: all format and crypto logic lives in
+:class:`blockcrypt.backend.DiskBackend`.  nbdkit embeds /usr/bin/python3, so
+start it with PYTHONPATH = the repository root and the virtualenv's
+site-packages (the CLI does).
+
+Config keys (anything else is refused):
+
+- ``file``: the container path (required).
+- ``keyfd``: an inherited file descriptor, normally a pipe, carrying exactly the
+  64-byte data key of an encrypted container; omitted for unencrypted ones.
+  The key is read once and the descriptor closed.  It never appears in argv,
+  the environment, nbdkit's ``-v`` log (which prints every key=value, hence
+  only the descriptor number goes there) or a file.
+- ``readonly``: serve read-only (writes fail with EROFS); default false.
+- ``discard``: let trim and zero deallocate (leaks which ranges are unused,
+  like dm-crypt allow_discards); default false.
+
+Secret hygiene: the process is made non-dumpable at load (no core file, no
+ptrace by other users).  The key read from the pipe is wiped as soon as the
+cipher holds its own copy (an mlocked Secret plus libcrypto's key schedules);
+cleanup wipes those.  Error messages name errnos and objects, never key bytes.
+mlock does not survive fork(): run nbdkit with ``-f``/``--foreground`` (the CLI
+does) so the process that holds the key is the one that locked it.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import os
+
+import nbdkit
+
+from blockcrypt import secret
+from blockcrypt.backend import DiskBackend, errno_for
+from blockcrypt.xts import KEY_BYTES
+
+API_VERSION = 2
+
+# Largest request advertised; nbdkit itself accepts up to 64 MiB.
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
+secret.disable_core_dumps()
+
+_file: str | None = None
+_keyfd: int | None = None
+_readonly = False
+_discard = False
+_dk: secret.Secret | None = None
+_backend: DiskBackend | None = None
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"{key}= must be true or false, got {value!r}")
+
+
+def config(key: str, value: str) -> None:
+    global _file, _keyfd, _readonly, _discard
+    if key == "file":
+        _file = value
+    elif key == "keyfd":
+        try:
+            _keyfd = int(value)
+        except ValueError:
+            raise ValueError(f"keyfd= must be a file descriptor number, got {value!r}") from None
+        if _keyfd < 0:
+            raise ValueError(f"keyfd= must be a file descriptor number, got {value!r}")
+    elif key == "readonly":
+        _readonly = _parse_bool(key, value)
+    elif key == "discard":
+        _discard = _parse_bool(key, value)
+    else:
+        # Name the key only: a mistyped parameter could carry something secret.
+        raise ValueError(f"unknown parameter {key!r}; "
+                         "accepted: file, keyfd, readonly, discard")
+
+
+def config_complete() -> None:
+    global _dk
+    if _file is None:
+        raise ValueError("file=CONTAINER is required")
+    if _keyfd is not None:
+        try:
+            _dk = secret.Secret.read_exact_fd(_keyfd, KEY_BYTES)
+        except (EOFError, OSError) as e:
+            raise RuntimeError(f"cannot read the data key from keyfd={_keyfd}: {e}") from None
+        finally:
+            os.close(_keyfd)
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready() -> None:
+    """Open the container before serving, so a bad file or key fails at start-up."""
+    global _backend, _dk
+    try:
+        _backend = DiskBackend(_file, _dk, read_only=_readonly, discard=_discard)
+    finally:
+        # The cipher holds its own mlocked copy of the key; drop ours now.
+        if _dk is not None:
+            _dk.wipe()
+            _dk = None
+
+
+def cleanup() -> None:
+    """Wipe the key (the cipher's copy) and close the container."""
+    global _backend, _dk
+    if _backend is not None:
+        _backend.close()
+        _backend = None
+    if _dk is not None:
+        _dk.wipe()
+        _dk = None
+
+
+def _nbd_errors(fn):
+    """Report any failure to nbdkit with the errno of :func:`errno_for` (EIO
+    for anything unexpected: a failed request never looks like success).
+
+    The exception re-raised carries the operation and the error text only
+    (``from None`` drops the chained original): never buffers or key bytes.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the client
+            nbdkit.set_error(errno_for(e))
+            raise RuntimeError(f"{fn.__name__}: {type(e).__name__}: {e}") from None
+    return wrapper
+
+
+class _Connection:
+    """Per-connection handle; all state is in the shared backend."""
+
+    __slots__ = ("readonly",)
+
+    def __init__(self, readonly: bool):
+        self.readonly = readonly
+
+
+def open(readonly):  # noqa: A001 - nbdkit's callback name
+    return _Connection(readonly)
+
+
+def get_size(h) -> int:
+    return _backend.size_bytes
+
+
+def block_size(h):
+    # Any alignment is served correctly (read-modify-write), so the minimum is
+    # 1; whole sectors avoid the read-modify-write.
+    return (1, _backend.sector_size, MAX_REQUEST_BYTES)
+
+
+def is_rotational(h) -> bool:
+    return False
+
+
+def can_write(h) -> bool:
+    return not _backend.read_only
+
+
+def can_flush(h) -> bool:
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_zero(h) -> bool:
+    return True
+
+
+def can_fast_zero(h) -> bool:
+    return True
+
+
+def can_trim(h) -> bool:
+    return _backend.discard and not _backend.read_only
+
+
+def can_extents(h) -> bool:
+    return True
+
+
+def can_multi_conn(h) -> bool:
+    # One shared file descriptor: a flush on any connection covers all writes.
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+@_nbd_errors
+def pread(h, buf, offset, flags):
+    _backend.pread_into(buf, offset)
+
+
+@_nbd_errors
+def pwrite(h, buf, offset, flags):
+    _backend.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+
+
+@_nbd_errors
+def zero(h, count, offset, flags):
+    may_trim = bool(flags & nbdkit.FLAG_MAY_TRIM)
+    if flags & nbdkit.FLAG_FAST_ZERO and not _backend.zero_is_fast(may_trim):
+        raise OSError(errno.ENOTSUP, "fast zero needs discard=true and may-trim")
+    _backend.zero(count, offset, may_trim=may_trim, fua=bool(flags & nbdkit.FLAG_FUA))
+
+
+@_nbd_errors
+def trim(h, count, offset, flags):
+    _backend.trim(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+
+
+@_nbd_errors
+def flush(h, flags):
+    _backend.flush()
+
+
+@_nbd_errors
+def extents(h, count, offset, flags):
+    hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+    return [(start, length, hole if is_hole else 0)
+            for start, length, is_hole in _backend.extents(count, offset)]
