@@ -1,9 +1,234 @@
-"""`blockcrypt disk ...`."""
+"""`blockcrypt disk ...`: create, list, show, delete, attach, detach, serve."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
 import click
 
-from . import cli
+from .. import errors, names
+from . import App, cli, json_option, pass_app
+
+
+def human_size(size_bytes: int) -> str:
+    """1073741824 -> '1 GiB', 1610612736 -> '1.5 GiB', 1000 -> '1000 B'."""
+    value = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _service(app: App):
+    """The disk service on this home's key store (closed, KEK wiped, on exit)."""
+    from ..disks import DiskService
+    from .store import open_store
+    with open_store(app) as store:
+        yield DiskService(app.home, store)
+
+
+def _print_disk(d: dict) -> None:
+    rows = [
+        ("name", d["name"]), ("id", d["id"]),
+        ("size", f"{human_size(d['size_bytes'])} ({d['size_bytes']} bytes)"),
+        ("sector size", d["sector_size"]),
+        ("encrypted", "yes (aes-xts-plain64)" if d["encrypted"] else "no"),
+        ("cmk", d["cmk_id"] or "-"), ("lineage", d["lineage_id"] or "-"),
+        ("discard", "yes" if d["discard"] else "no"), ("created", d["created_at"]),
+        ("state", d["state"]),
+    ]
+    if d["state"] != "available":
+        rows += [("device", d["device"] or "-"), ("method", d["method"]),
+                 ("read-only", "yes" if d["read_only"] else "no"),
+                 ("socket", d["socket"] or "-")]
+    rows.append(("file", d["path"]))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k + ':':<{width + 1}} {v}")
+
+
+def _print_table(disks: list[dict]) -> None:
+    if not disks:
+        click.echo("no disks; create one with `blockcrypt disk create NAME --size 10G`")
+        return
+    header = ("NAME", "SIZE", "SECTOR", "ENCRYPTED", "CMK", "STATE", "DEVICE")
+    rows = [(d["name"], human_size(d["size_bytes"]), str(d["sector_size"]),
+             "yes" if d["encrypted"] else "no", d["cmk_id"] or "-", d["state"],
+             d["device"] or ("served" if d["method"] == "serve" else "-")) for d in disks]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @cli.group("disk")
 def disk_group():
     """Encrypted and plain virtual disks."""
+
+
+@disk_group.command("create")
+@click.argument("name")
+@click.option("--size", "size_text", default=None,
+              help="Size in bytes or with a suffix K, M, G, T (powers of 1024), e.g. 10G. "
+                   "Required unless --from-snapshot (then it may only grow the disk).")
+@click.option("--encrypted/--no-encrypted", default=None,
+              help="Encrypt with AES-256-XTS under a CMK (the default), or make a plain disk. "
+                   "With --from-snapshot it may only confirm the snapshot's encryption.")
+@click.option("--key", "key_ref", default=None,
+              help="CMK id or alias wrapping the data key (default: the service key "
+                   "blockcrypt/default).")
+@click.option("--sector-size", type=click.Choice(["512", "4096"]), default=None,
+              help="Logical sector size of the disk (default 4096).")
+@click.option("--discard", is_flag=True,
+              help="Let trim deallocate space in the file (reveals which ranges are unused).")
+@click.option("--from-snapshot", "snapshot", default=None,
+              help="Create the disk from this snapshot: same contents, encryption, CMK, "
+                   "sector size and data key.")
+@json_option
+@pass_app
+def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, discard, snapshot):
+    """Create a disk NAME of --size bytes, or from a snapshot."""
+    names.validate_name(name)
+    if snapshot is not None:
+        if sector_size is not None:
+            raise errors.InvalidInput(detail="a disk created from a snapshot has the "
+                                             "snapshot's sector size; drop --sector-size")
+        size_bytes = names.parse_size(size_text) if size_text is not None else None
+        from ..snapshots import LifecycleService
+        with _service(app) as svc:
+            d = LifecycleService(app.home, svc.store, disks=svc).create_disk_from_snapshot(
+                name, snapshot, size_bytes=size_bytes, encrypted=encrypted, key_ref=key_ref,
+                discard=discard)
+        app.emit(d, f"created disk {name} from snapshot {snapshot}: "
+                    f"{human_size(d['size_bytes'])}, "
+                    f"{'encrypted under key ' + d['cmk_id'] if d['encrypted'] else 'not encrypted'}")
+        return
+    if size_text is None:
+        raise click.UsageError("Missing option '--size' (required unless --from-snapshot).")
+    encrypted = True if encrypted is None else encrypted
+    sector = int(sector_size or 4096)
+    size_bytes = names.check_size(names.parse_size(size_text), sector, size_text)
+    if key_ref is not None and not encrypted:
+        raise errors.InvalidInput(detail="--key names the CMK of an encrypted disk; "
+                                         "it cannot be used with --no-encrypted")
+    with _service(app) as svc:
+        d = svc.create(name, size_bytes, encrypted=encrypted, key_ref=key_ref,
+                       sector_size=sector, discard=discard)
+    enc = f"encrypted under key {d['cmk_id']}" if d["encrypted"] else "not encrypted"
+    app.emit(d, f"created disk {name}: {human_size(d['size_bytes'])}, "
+                f"{d['sector_size']}-byte sectors, {enc}")
+
+
+@disk_group.command("reset")
+@click.argument("name")
+@click.option("--snapshot", required=True, help="A snapshot of this disk's lineage.")
+@json_option
+@pass_app
+def reset_cmd(app: App, name, snapshot):
+    """Restore a detached disk to a snapshot of the same disk (ResetDisk)."""
+    from ..snapshots import LifecycleService
+    with _service(app) as svc:
+        d = LifecycleService(app.home, svc.store, disks=svc).reset_disk(name, snapshot)
+    app.emit(d, f"disk {name} reset to snapshot {snapshot}")
+
+
+@disk_group.command("reinit")
+@click.argument("name")
+@json_option
+@pass_app
+def reinit_cmd(app: App, name):
+    """Return a detached disk to its initial state (blank, or the snapshot it was
+    created from), keeping its key (ReInitDisk)."""
+    from ..snapshots import LifecycleService
+    with _service(app) as svc:
+        d = LifecycleService(app.home, svc.store, disks=svc).reinit_disk(name)
+    app.emit(d, f"disk {name} re-initialised")
+
+
+@disk_group.command("list")
+@json_option
+@pass_app
+def list_cmd(app: App):
+    """List disks with their state (available / attached) and device."""
+    with _service(app) as svc:
+        disks = svc.list()
+    app.emit(disks, _print_table)
+
+
+@disk_group.command("show")
+@click.argument("name")
+@json_option
+@pass_app
+def show_cmd(app: App, name):
+    """Show one disk."""
+    with _service(app) as svc:
+        d = svc.show(name)
+    app.emit(d, _print_disk)
+
+
+@disk_group.command("delete")
+@click.argument("name")
+@json_option
+@pass_app
+def delete_cmd(app: App, name):
+    """Delete a disk and its data (refused while it is attached)."""
+    with _service(app) as svc:
+        svc.delete(name)
+    app.emit({"name": name, "deleted": True}, f"deleted disk {name}")
+
+
+@disk_group.command("attach")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="Attach read-only (writes fail with EROFS).")
+@json_option
+@pass_app
+def attach_cmd(app: App, name, read_only):
+    """Attach a disk as a local block device (root) and print the device path."""
+    with _service(app) as svc:
+        d = svc.attach(name, read_only=read_only)
+    app.emit(d, d["device"])
+
+
+@disk_group.command("detach")
+@click.argument("name")
+@json_option
+@pass_app
+def detach_cmd(app: App, name):
+    """Detach an attached disk (refused while its device is mounted)."""
+    with _service(app) as svc:
+        r = svc.detach(name)
+    if r["stale"]:
+        app.info(f"disk {name}: its server had stopped; cleaned the stale attachment")
+    app.emit(r, f"detached disk {name} from {r['device']}")
+
+
+@disk_group.command("serve")
+@click.argument("name")
+@click.option("--unix", "unix_path", type=click.Path(path_type=Path), default=None,
+              help="Serve on this Unix socket (put it in a private directory).")
+@click.option("--tcp", default=None, metavar="HOST:PORT",
+              help="Serve over TCP on this IP address and port (TLS required unless --no-tls "
+                   "on a loopback address).")
+@click.option("--read-only", is_flag=True, help="Serve read-only.")
+@click.option("--tls-psk", type=click.Path(path_type=Path), default=None,
+              help="nbdkit TLS pre-shared-key file (username:hexkey lines).")
+@click.option("--tls-certificates", type=click.Path(path_type=Path), default=None,
+              help="Directory with nbdkit TLS certificates (ca-cert.pem, server-cert.pem, "
+                   "server-key.pem).")
+@click.option("--no-tls", is_flag=True, help="Plain TCP; refused unless HOST is loopback.")
+@json_option
+@pass_app
+def serve_cmd(app: App, name, unix_path, tcp, read_only, tls_psk, tls_certificates, no_tls):
+    """Serve a disk over NBD with nbdkit in the foreground until interrupted."""
+    def ready(info: dict) -> None:
+        app.emit(info, f"serving disk {name} on {info['endpoint']} (export name {name!r}"
+                       f"{', read-only' if read_only else ''}"
+                       f"{', TLS' if info['tls'] else ''}); Ctrl-C to stop")
+        sys.stdout.flush()
+
+    with _service(app) as svc:
+        svc.serve(name, unix_path=unix_path, tcp=tcp, read_only=read_only, tls_psk=tls_psk,
+                  tls_certificates=tls_certificates, no_tls=no_tls, on_ready=ready)
+    app.info(f"stopped serving disk {name}")
