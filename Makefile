@@ -26,5 +26,9 @@ fuzz: install
 stress: install
 	BLOCKCRYPT_STRESS_LOOPS=$${BLOCKCRYPT_STRESS_LOOPS:-100} $(PYTEST) -q -m stress
 
+# Kernel + initramfs for the QEMU guest that proves the nbd-client path (cached in build/guest).
+guest: install
+	scripts/guest/build.sh
+
 clean:
 	rm -rf .venv build .pytest_cache .hypothesis
