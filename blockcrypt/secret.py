@@ -16,9 +16,18 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hmac
+import mmap
 import os
+import threading
 
 _libc = None
+
+# mlock/munlock work on whole pages and do not nest: one munlock unlocks a page
+# however many secrets share it.  So locks are counted per page, and a page is
+# unlocked only when the last secret on it is wiped.
+_PAGE = mmap.PAGESIZE
+_page_locks: dict[int, int] = {}
+_page_locks_mutex = threading.Lock()
 
 
 def _get_libc():
@@ -33,6 +42,13 @@ def _get_libc():
 
 def _address(buf: bytearray) -> int:
     return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+
+
+def _pages(buf: bytearray) -> list[int]:
+    """Start addresses of the pages buf's bytes occupy."""
+    start = _address(buf)
+    first = start - start % _PAGE
+    return list(range(first, start + len(buf), _PAGE))
 
 
 def disable_core_dumps() -> None:
@@ -81,9 +97,31 @@ class Secret:
 
     def _lock(self) -> None:
         libc = _get_libc()
-        if libc and len(self._buf):
-            self._locked = libc.mlock(ctypes.c_void_p(_address(self._buf)),
-                                      ctypes.c_size_t(len(self._buf))) == 0
+        if not libc or not len(self._buf):
+            return
+        with _page_locks_mutex:
+            pages = _pages(self._buf)
+            new = [p for p in pages if p not in _page_locks]
+            for p in new:
+                if libc.mlock(ctypes.c_void_p(p), ctypes.c_size_t(_PAGE)) != 0:
+                    for q in new[:new.index(p)]:
+                        libc.munlock(ctypes.c_void_p(q), ctypes.c_size_t(_PAGE))
+                    return  # not allowed (RLIMIT_MEMLOCK): stay unlocked
+            for p in pages:
+                _page_locks[p] = _page_locks.get(p, 0) + 1
+            self._locked = True
+
+    def _unlock(self, buf: bytearray) -> None:
+        libc = _get_libc()
+        with _page_locks_mutex:
+            for p in _pages(buf):
+                n = _page_locks.get(p, 0) - 1
+                if n > 0:
+                    _page_locks[p] = n
+                else:
+                    _page_locks.pop(p, None)
+                    if libc:
+                        libc.munlock(ctypes.c_void_p(p), ctypes.c_size_t(_PAGE))
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -109,9 +147,8 @@ class Secret:
         n = len(buf)
         if n:
             ctypes.memset(_address(buf), 0, n)
-            libc = _get_libc()
-            if self._locked and libc:
-                libc.munlock(ctypes.c_void_p(_address(buf)), ctypes.c_size_t(n))
+            if self._locked:
+                self._unlock(buf)
         self._buf = None
 
     def __eq__(self, other) -> bool:

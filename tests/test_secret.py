@@ -85,3 +85,30 @@ def test_disable_core_dumps_sets_not_dumpable(tmp_path):
         os._exit(0 if libc.prctl(3, 0, 0, 0, 0) == 0 else 1)  # PR_GET_DUMPABLE
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _locked_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmLck:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_wiping_one_secret_keeps_page_neighbours_locked():
+    """mlock does not nest: wiping one secret must not unlock another on the same page."""
+    if os.geteuid() != 0:
+        pytest.skip("mlock accounting needs an unlimited RLIMIT_MEMLOCK (root)")
+    from blockcrypt import secret as mod
+    secrets = [Secret.random(64) for _ in range(32)]  # small: many share pages
+    shared = [s for s in secrets
+              if any(set(mod._pages(s._buf)) & set(mod._pages(t._buf))
+                     for t in secrets if t is not s)]
+    assert shared, "expected some secrets to share a page"
+    victim, keep = shared[0], [s for s in secrets if s is not shared[0]]
+    victim.wipe()
+    for s in keep:
+        for p in mod._pages(s._buf):
+            assert mod._page_locks.get(p, 0) >= 1
+    assert _locked_kib() > 0
+    for s in keep:
+        s.wipe()
