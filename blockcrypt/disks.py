@@ -1,4 +1,4 @@
-"""The disk service: create, list, show, delete, attach, detach and serve disks.
+"""The disk service: create, list, show, delete, attach, detach, serve and copy disks.
 
 A disk is a container file ``<home>/disks/<id>.bcd`` (see docs/FORMAT.md) plus a
 row in the catalog.  An encrypted disk's data key (DK) exists in plaintext only
@@ -11,14 +11,20 @@ Crash safety of create and delete (no orphan rows, no orphan files)
 create: 1. write the container to ``disks/<id>.bcd.tmp-<pid>-<start>`` (fsynced);
         2. insert the catalog row (a committed transaction);
         3. rename the file to ``disks/<id>.bcd`` and fsync the directory.
-delete: 1. in one write transaction: rename ``<id>.bcd`` to ``<id>.bcd.deleted``,
+delete: 1. in one write transaction: rename ``<id>.bcd`` to ``<id>.bcd.deleted``
+           (or, if a create committed but has not renamed yet, its temp file:
+           :func:`doom`; the creator's rename then finds nothing, :func:`publish`),
            delete the row, commit;
         2. unlink ``<id>.bcd.deleted``.
+Snapshots (blockcrypt.snapshots) follow the same scheme under ``snapshots/``.
 So a ``<id>.bcd`` file always has a committed row, and recovery
 (:meth:`DiskService.recover_files`, run by every disk command, under the
 database write lock) only ever acts on the two marker names:
 - ``.tmp-<pid>-<start>`` whose creator is gone: with a row, the create committed,
   so finish it (rename); without one, it never committed, so remove the file;
+  with a row *and* ``<id>.bcd`` present, it is the replacement an interrupted
+  ``disk reset``/``reinit`` was building (they swap by renaming it over the old
+  file, see blockcrypt.snapshots), so remove it;
 - ``.deleted``: with a row, the delete never committed, so rename it back;
   without one, finish it (unlink).
 A plain ``<id>.bcd`` is never removed automatically, nor a row whose file is
@@ -66,6 +72,7 @@ file, unmount the fuse mount, remove the run directory and delete the row.
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -75,12 +82,13 @@ import sqlite3
 import stat
 import subprocess
 import sysconfig
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import catalog, container, db, errors, names, proc
+from . import catalog, container, db, errors, names, proc, quiesce
 from .crashpoints import crashpoint
 from .home import ensure_private_dir, private_umask
 from .kms.envelope import parse_wrapped
@@ -97,6 +105,7 @@ PLUGIN_SCRIPT = REPO_ROOT / "nbd_plugin" / "blockcrypt_plugin.py"
 UNIX_PATH_MAX_BYTES = 107
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
+LOCK_WAIT_TIMEOUT_S = 120.0   # attach waits this long for a snapshot copy to finish
 LOG_TAIL_CHARS = 1500
 DEFAULT_SECTOR_SIZE = 4096
 
@@ -257,10 +266,7 @@ class DiskService:
             raise errors.StorageError(path=str(path),
                                       reason=f"the container of disk {disk['name']!r} is missing")
         header = container.read_header(path)
-        if header.uid_hex != disk["id"]:
-            raise errors.FormatError(path=str(path),
-                                     reason=f"its id {header.uid_hex} is not the catalog's "
-                                            f"{disk['id']} for disk {disk['name']!r}")
+        check_header_matches(header, disk, path)
         return header
 
     def _unwrap(self, disk: sqlite3.Row, header) -> Secret | None:
@@ -274,48 +280,7 @@ class DiskService:
     # -- crash recovery of create/delete ---------------------------------------
     def recover_files(self) -> list[str]:
         """Finish or undo interrupted creates/deletes (see module doc); returns actions."""
-        d = self.home.disks_dir
-        try:
-            pending = [n for n in os.listdir(d) if _TMP_MARK in n or n.endswith(_DELETED_MARK)]
-        except FileNotFoundError:
-            return []
-        if not pending:
-            return []
-        actions = []
-        with db.write_txn(self.conn):
-            for fname in pending:
-                path = d / fname
-                if not path.exists():
-                    continue  # someone else recovered it meanwhile
-                disk_id = fname.split(".", 1)[0]
-                final = d / f"{disk_id}.bcd"
-                has_row = catalog.get_disk_by_id(self.conn, disk_id) is not None
-                if _TMP_MARK in fname:
-                    owner = fname.split(_TMP_MARK, 1)[1].split("-")
-                    try:
-                        pid, start = int(owner[0]), int(owner[1])
-                    except (IndexError, ValueError):
-                        continue  # not ours: leave it
-                    if proc.process_alive(pid, start):
-                        continue  # a create in progress
-                    if has_row and not final.exists():
-                        os.rename(path, final)
-                        actions.append(f"completed creation of {final.name}")
-                    elif not has_row:
-                        path.unlink()
-                        actions.append(f"removed unfinished {fname}")
-                    else:  # row and file both exist: a reset/reinit that never swapped
-                        path.unlink()
-                        actions.append(f"removed unfinished replacement {fname}")
-                else:
-                    if has_row and not final.exists():
-                        os.rename(path, final)
-                        actions.append(f"restored {final.name} (delete did not commit)")
-                    elif not has_row:
-                        path.unlink()
-                        actions.append(f"removed deleted {fname}")
-            _fsync_dir(d)
-        return actions
+        return recover_dir(self.conn, self.home.disks_dir, "disks")
 
     # -- create / list / show / delete ----------------------------------------------
     def create(self, name: str, size_bytes: int, *, encrypted: bool = True,
@@ -330,6 +295,9 @@ class DiskService:
         names.validate_name(name)
         names.check_sector_size(sector_size)
         names.check_size(size_bytes, sector_size)
+        # The container's own limit (data offset + size < 2^63), checked before the
+        # key store is touched (the service key is created on first use).
+        container.new_header(container.Kind.DISK, size_bytes, sector_size, encrypted=False)
         if key_ref is not None and not encrypted:
             raise errors.InvalidInput(detail="--key names the CMK of an encrypted disk; "
                                              "it cannot be used with --no-encrypted")
@@ -368,16 +336,16 @@ class DiskService:
                     size_bytes=size_bytes, sector_size=sector_size, encrypted=int(encrypted),
                     cmk_id=header.cmk_id, lineage_id=header.lineage_hex,
                     discard=int(discard), source_snapshot_id=None, created_at=_now())
+                row = catalog.get_disk_by_id(self.conn, header.uid_hex)
                 crashpoint("disk-create.in-txn")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         crashpoint("disk-create.after-row")
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        return self.show(name)
+        publish(tmp, final)
+        return self.describe(row, None)   # as created (a delete may already follow)
 
-    def _describe(self, disk: sqlite3.Row, att: sqlite3.Row | None, stale: bool = False) -> dict:
+    def describe(self, disk: sqlite3.Row, att: sqlite3.Row | None, stale: bool = False) -> dict:
         out = {
             "name": disk["name"], "id": disk["id"], "path": str(self.path_of(disk)),
             "size_bytes": disk["size_bytes"], "sector_size": disk["sector_size"],
@@ -397,14 +365,14 @@ class DiskService:
     def list(self) -> list[dict]:
         self.recover_files()
         stale = self._cleanup_stale_quietly()
-        return [self._describe(d, catalog.get_attachment(self.conn, d["id"]), d["id"] in stale)
+        return [self.describe(d, catalog.get_attachment(self.conn, d["id"]), d["id"] in stale)
                 for d in catalog.list_disks(self.conn)]
 
     def show(self, name: str) -> dict:
         self.recover_files()
         disk = self._disk(name)
         stale = self._cleanup_stale_quietly(disk["id"])
-        return self._describe(disk, catalog.get_attachment(self.conn, disk["id"]),
+        return self.describe(disk, catalog.get_attachment(self.conn, disk["id"]),
                               disk["id"] in stale)
 
     def delete(self, name: str) -> None:
@@ -417,11 +385,8 @@ class DiskService:
             disk = self._disk(name)
             att = catalog.get_attachment(self.conn, disk["id"])
             if att is not None:
-                raise self._in_use_error(disk["name"], att)
-            path = self.path_of(disk)
-            doomed = path.with_name(path.name + _DELETED_MARK)
-            if path.exists():
-                os.rename(path, doomed)
+                raise self.in_use_error(disk["name"], att)
+            doomed = doom(self.path_of(disk))
             catalog.delete_disk(self.conn, disk["id"])
             crashpoint("disk-delete.in-txn")
         crashpoint("disk-delete.after-row")
@@ -440,7 +405,7 @@ class DiskService:
             return True
         return False
 
-    def _in_use_error(self, name: str, att: sqlite3.Row) -> errors.DiskAttached:
+    def in_use_error(self, name: str, att: sqlite3.Row) -> errors.DiskAttached:
         device = att["device"] or att["socket"]
         if att["state"] == "attaching":
             msg = (f"disk {name!r} is being attached by process {att['owner_pid']}; "
@@ -456,12 +421,21 @@ class DiskService:
         return errors.DiskAttached(msg, name=name, device=device)
 
     def cleanup_stale(self, disk_id: str | None = None) -> list[str]:
-        """Clean stale attachments (all, or one disk's); returns the disk ids cleaned."""
+        """Clean stale attachments (all, or one disk's); returns the disk ids cleaned.
+
+        Live attachments get a resume nudge instead: it ends an I/O pause left by
+        a snapshot killed while it held it, and never disturbs a running one
+        (:func:`blockcrypt.quiesce.nudge_resume`).
+        """
         rows = ([catalog.get_attachment(self.conn, disk_id)] if disk_id
                 else catalog.list_attachments(self.conn))
         cleaned = []
         for att in rows:
-            if att is None or not self._is_stale(att):
+            if att is None:
+                continue
+            if not self._is_stale(att):
+                if att["state"] == "attached" and att["control_socket"]:
+                    quiesce.nudge_resume(att["control_socket"])
                 continue
             with db.write_txn(self.conn):
                 again = catalog.get_attachment(self.conn, att["disk_id"])
@@ -491,7 +465,7 @@ class DiskService:
             att = catalog.get_attachment(self.conn, disk["id"])
             if att is not None:
                 if not self._is_stale(att):
-                    raise self._in_use_error(disk["name"], att)
+                    raise self.in_use_error(disk["name"], att)
                 self._teardown(att, Path(att["run_dir"]), clean=False)
                 catalog.delete_attachment(self.conn, disk["id"])
             if run_dir.exists():  # leftovers without a row (e.g. a crash during cleanup)
@@ -705,7 +679,7 @@ class DiskService:
         self.cleanup_stale(disk["id"])
         att = catalog.get_attachment(self.conn, disk["id"])
         if att is not None:
-            raise self._in_use_error(name, att)
+            raise self.in_use_error(name, att)
         run_dir = self.run_dir_of(name)
         for sock in (run_dir / NBD_SOCKET, run_dir / CONTROL_SOCKET):
             _check_socket_path(sock)
@@ -724,6 +698,8 @@ class DiskService:
                         sock=str(run_dir / NBD_SOCKET), control_socket=run_dir / CONTROL_SOCKET)
             crashpoint("disk-attach.after-claim")
             try:
+                _wait_for_container_lock(self.path_of(disk), exclusive=not read_only,
+                                         name=name)
                 dk = self._unwrap(disk, header)
                 ensure_private_dir(self.home.run_dir)
                 ensure_private_dir(run_dir)
@@ -769,7 +745,7 @@ class DiskService:
             if att is None:
                 raise errors.DiskNotAttached(name=name)
             if att["state"] != "attached" or att["method"] == SERVE:
-                raise self._in_use_error(name, att)
+                raise self.in_use_error(name, att)
             device = att["device"]
             self._check_not_busy(name, device)
             catalog.update_attachment(self.conn, disk["id"], state="detaching",
@@ -783,6 +759,75 @@ class DiskService:
         crashpoint("disk-detach.after-teardown")
         self._release(disk["id"])
         return {"name": name, "device": device, "stale": False}
+
+    # -- copy (the supported conversion path) --------------------------------------
+    def copy(self, src_name: str, dst_name: str, *, progress: bool = False) -> dict:
+        """Copy the files of SRC's file system onto DST's, both disks detached.
+
+        This is how data moves between an unencrypted and an encrypted disk (or
+        between CMKs): blockcrypt never converts a disk in place.  SRC is
+        attached read-only and mounted read-only; DST is attached read-write and
+        gets a file system of SRC's type if it has none.  ``rsync -aHAX``
+        copies (hard links, ACLs, extended attributes), with a progress display
+        when ``progress``.  Both are unmounted and detached afterwards, also
+        on failure.  Refused (DiskAttached) if either disk is in use.
+        """
+        _require_root("blockcrypt disk copy")
+        _require_tools("rsync", "blkid", "mount", "umount")
+        if src_name == dst_name:
+            raise errors.InvalidInput(detail=f"disk copy needs two different disks, got "
+                                             f"{src_name!r} twice")
+        self.recover_files()
+        disks = [self._disk(src_name), self._disk(dst_name)]
+        for d in disks:
+            self.cleanup_stale(d["id"])
+            att = catalog.get_attachment(self.conn, d["id"])
+            if att is not None:
+                raise self.in_use_error(d["name"], att)
+        ensure_private_dir(self.home.run_dir)
+        work = Path(tempfile.mkdtemp(prefix="copy-", dir=self.home.run_dir))
+        attached: list[str] = []
+        mounted: list[Path] = []
+        try:
+            src_dev = self.attach(src_name, read_only=True)["device"]
+            attached.append(src_name)
+            dst_dev = self.attach(dst_name)["device"]
+            attached.append(dst_name)
+            fstype = _fs_type(src_dev)
+            if fstype is None:
+                raise errors.InvalidInput(detail=f"disk {src_name!r} has no file system to "
+                                                 "copy (nothing recognised by blkid)")
+            dst_type = _fs_type(dst_dev)
+            if dst_type is None:
+                proc.run(proc.mkfs_argv(fstype, dst_dev), timeout_s=None)
+            for dev, sub, ro in ((src_dev, "src", True), (dst_dev, "dst", False)):
+                mnt = work / sub
+                mnt.mkdir()
+                proc.run(proc.mount_argv(dev, mnt, read_only=ro))
+                mounted.append(mnt)
+            argv = proc.rsync_argv(mounted[0], mounted[1], progress=progress)
+            if progress:
+                proc.run_visible(argv)
+            else:
+                proc.run(argv, timeout_s=None)
+        finally:
+            problems = []
+            for mnt in reversed(mounted):
+                cp = proc.run(proc.umount_argv(mnt), check=False)
+                if cp.returncode != 0:
+                    problems.append(f"umount {mnt}: {cp.stderr.decode(errors='replace')}")
+            for name in reversed(attached):
+                try:
+                    self.detach(name)
+                except errors.BlockcryptError as e:
+                    problems.append(e.message)
+            if not problems:
+                shutil.rmtree(work, ignore_errors=True)
+        if problems:
+            raise errors.EnvironmentProblem(detail="disk copy finished but cleaning up "
+                                            "failed: " + "; ".join(problems))
+        return {"source": src_name, "destination": dst_name, "file_system": fstype,
+                "made_file_system": dst_type is None}
 
     @staticmethod
     def _check_not_busy(name: str, device: str | None) -> None:
@@ -836,7 +881,7 @@ class DiskService:
         self.cleanup_stale(disk["id"])
         att = catalog.get_attachment(self.conn, disk["id"])
         if att is not None:
-            raise self._in_use_error(name, att)
+            raise self.in_use_error(name, att)
         run_dir = self.run_dir_of(name)
         _check_socket_path(run_dir / CONTROL_SOCKET)
         _require_tools("nbdkit")
@@ -904,6 +949,152 @@ class DiskService:
                 signal.signal(s, h)
             if dk is not None:
                 dk.wipe()
+
+
+def publish(tmp: Path, final: Path) -> bool:
+    """Rename a committed container from its temp name to its final name and
+    fsync the directory; False if a concurrent delete took it first (see doom)."""
+    try:
+        os.rename(tmp, final)
+    except FileNotFoundError:
+        return False
+    _fsync_dir(final.parent)
+    return True
+
+
+def doom(final: Path) -> Path:
+    """Move a container out of the way of its delete (inside the delete's write
+    transaction): ``<id>.bcd`` -> ``<id>.bcd.deleted``.  A create commits its row
+    before it renames its temp file into place, so if ``<id>.bcd`` is not there
+    yet, its committed temp file is taken instead (the creator's rename then
+    finds nothing and leaves it).  Returns the ``.deleted`` path to unlink
+    after the commit."""
+    doomed = final.with_name(final.name + _DELETED_MARK)
+    for _ in range(100):
+        try:
+            os.rename(final, doomed)
+            return doomed
+        except FileNotFoundError:
+            pass
+        temps = sorted(final.parent.glob(final.name + _TMP_MARK + "*"))
+        if not temps:
+            return doomed       # no file at all (left to the operator): drop the row
+        try:
+            os.rename(temps[0], doomed)
+            return doomed
+        except FileNotFoundError:
+            continue            # the creator renamed it just now: take <id>.bcd
+    raise errors.StateError(detail=f"{final.name} keeps changing; retry the delete")
+
+
+def recover_dir(conn: sqlite3.Connection, d: Path, table: str) -> list[str]:
+    """Finish or undo interrupted creates/deletes of the containers in d whose
+    rows live in table (``disks`` or ``snapshots``); see the module doc.
+    Runs under the database write lock; returns what it did."""
+    assert table in ("disks", "snapshots")   # interpolated into SQL below
+    try:
+        pending = [n for n in os.listdir(d) if _TMP_MARK in n or n.endswith(_DELETED_MARK)]
+    except FileNotFoundError:
+        return []
+    if not pending:
+        return []
+    actions = []
+    with db.write_txn(conn):
+        for fname in pending:
+            path = d / fname
+            if not path.exists():
+                continue  # someone else recovered it meanwhile
+            obj_id = fname.split(".", 1)[0]
+            final = d / f"{obj_id}.bcd"
+            has_row = conn.execute(f"SELECT 1 FROM {table} WHERE id = ?",
+                                   (obj_id,)).fetchone() is not None
+            if _TMP_MARK in fname:
+                owner = fname.split(_TMP_MARK, 1)[1].split("-")
+                try:
+                    pid, start = int(owner[0]), int(owner[1])
+                except (IndexError, ValueError):
+                    continue  # not ours: leave it
+                if proc.process_alive(pid, start):
+                    continue  # a create in progress
+                if has_row and not final.exists():
+                    os.rename(path, final)
+                    actions.append(f"completed creation of {final.name}")
+                elif not has_row:
+                    path.unlink()
+                    actions.append(f"removed unfinished {fname}")
+                else:  # row and file both exist: a reset/reinit that never swapped
+                    path.unlink()
+                    actions.append(f"removed unfinished replacement {fname}")
+            else:
+                if has_row and not final.exists():
+                    os.rename(path, final)
+                    actions.append(f"restored {final.name} (delete did not commit)")
+                elif not has_row:
+                    path.unlink()
+                    actions.append(f"removed deleted {fname}")
+        _fsync_dir(d)
+    return actions
+
+
+def check_header_matches(header: container.Header, row: sqlite3.Row, path: Path) -> None:
+    """Refuse a container whose identity or encryption contradicts its catalog row.
+
+    The header checksum is not a MAC (docs/FORMAT.md): someone with write access
+    could rewrite an encrypted disk's header as unencrypted, and a server would
+    then store every later write in plaintext.  The fields of an encrypted
+    header that matter to the key (lineage, CMK, geometry) are bound by the
+    key context, so tampering with them makes unwrapping fail; the id and the
+    encrypted flag are checked here, against the catalog.
+    """
+    if header.uid_hex != row["id"]:
+        raise errors.FormatError(path=str(path), reason=f"its id {header.uid_hex} is not the "
+                                 f"catalog's {row['id']} for {row['name']!r}")
+    if header.encrypted != bool(row["encrypted"]):
+        raise errors.FormatError(
+            path=str(path), reason=f"its header says {'en' if header.encrypted else 'un'}"
+            f"crypted but the catalog records {row['name']!r} as "
+            f"{'en' if row['encrypted'] else 'un'}crypted; the header was tampered with, so "
+            "the file is not used")
+
+
+def _wait_for_container_lock(path: Path, *, exclusive: bool, name: str,
+                             timeout_s: float = LOCK_WAIT_TIMEOUT_S) -> None:
+    """Wait until the server could take the container's whole-file flock.
+
+    ``snapshot create`` copies a detached disk under a shared flock; the
+    plugin takes its lock without waiting and would fail to start.  Called
+    after the attachment is claimed: a snapshot that locks the file later sees
+    the claim and backs off (blockcrypt.snapshots), so the window in which
+    both could proceed is the instant between this check and nbdkit's own.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise errors.StateError(
+                        detail=f"disk {name!r} is busy (a snapshot is being copied, or "
+                               "another program holds its file); retry `blockcrypt disk "
+                               f"attach {name}` later") from None
+                time.sleep(0.1)
+    finally:
+        os.close(fd)
+
+
+def _fs_type(device: str) -> str | None:
+    """The file system type on device (blkid), None if it has none."""
+    cp = proc.run(proc.blkid_type_argv(device), check=False)
+    if cp.returncode == 2:          # nothing found
+        return None
+    if cp.returncode != 0:
+        raise errors.CommandFailed(cmd=" ".join(proc.blkid_type_argv(device)),
+                                   rc=cp.returncode,
+                                   stderr=cp.stderr.decode(errors="replace").strip())
+    return cp.stdout.decode().strip() or None
 
 
 def _tighten(run_dir: Path) -> None:

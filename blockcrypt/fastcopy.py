@@ -145,22 +145,26 @@ def _fsync_dir(directory: os.PathLike | str) -> None:
         os.close(fd)
 
 
-def copy_to_new(src: os.PathLike | str, dst: os.PathLike | str, *, src_offset: int = 0,
+def copy_to_new(src: os.PathLike | str | int, dst: os.PathLike | str, *, src_offset: int = 0,
                 length: int | None = None) -> str:
     """Copy src (or its range [src_offset, src_offset + length)) to a new file dst.
 
-    dst is created 0600 and never replaces anything.  Returns the method,
-    :data:`REFLINK` (whole files only) or :data:`SPARSE`.  dst is fsynced (its
-    directory is not: the caller renames it or fsyncs).  On any failure dst
-    is removed.  Raises NotFound, AlreadyExists, NoSpace, StorageError.
+    src is a path or an open file descriptor (left open; the caller may hold a
+    lock on it).  dst is created 0600 and never replaces anything.  Returns
+    the method, :data:`REFLINK` (whole files only) or :data:`SPARSE`.  dst is
+    fsynced (its directory is not: the caller renames it or fsyncs).  On any
+    failure dst is removed.  Raises NotFound, AlreadyExists, NoSpace, StorageError.
     """
     dst = os.fspath(dst)
-    try:
-        src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise errors.NotFound(what="file", name=os.fspath(src)) from None
-        raise _storage_error(src, exc) from None
+    if isinstance(src, int):
+        src_fd = os.dup(src)      # our own descriptor, closed below; shares src's file
+    else:
+        try:
+            src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise errors.NotFound(what="file", name=os.fspath(src)) from None
+            raise _storage_error(src, exc) from None
     try:
         try:
             with private_umask():

@@ -36,6 +36,11 @@ PACKAGES = {
     "blockdev": "util-linux",
     "fusermount3": "fuse3",
     "modprobe": "kmod",
+    "mount": "mount",
+    "umount": "mount",
+    "blkid": "util-linux",
+    "mkfs": "util-linux",
+    "rsync": "rsync",
 }
 
 STDERR_TAIL_CHARS = 2000
@@ -167,6 +172,38 @@ def blockdev_flush_argv(device: str) -> list[str]:
     return ["blockdev", "--flushbufs", device]
 
 
+def blkid_type_argv(device: str) -> list[str]:
+    """Print the file system type on device (exit 2 if none); -p probes the
+    device itself, not blkid's cache."""
+    return ["blkid", "-p", "-o", "value", "-s", "TYPE", device]
+
+
+def mkfs_argv(fstype: str, device: str) -> list[str]:
+    return ["mkfs", "-t", fstype, "-q", device]
+
+
+def mount_argv(device: str, mountpoint: Path, *, read_only: bool = False) -> list[str]:
+    argv = ["mount"]
+    if read_only:
+        argv += ["-o", "ro"]
+    return argv + [device, str(mountpoint)]
+
+
+def umount_argv(mountpoint: Path) -> list[str]:
+    return ["umount", str(mountpoint)]
+
+
+def rsync_argv(src_dir: Path, dst_dir: Path, *, progress: bool) -> list[str]:
+    """Copy the tree under src_dir into dst_dir: archive mode with hard links,
+    ACLs and extended attributes; whole files (no delta algorithm: both sides
+    are local); --numeric-ids so owners are not remapped through this host's
+    user names."""
+    argv = ["rsync", "-aHAX", "--numeric-ids", "--whole-file"]
+    if progress:
+        argv.append("--info=progress2")
+    return argv + [f"{src_dir}/", f"{dst_dir}/"]
+
+
 # -- running --------------------------------------------------------------
 
 def _missing(argv: Sequence[str]) -> errors.MissingTool:
@@ -195,6 +232,21 @@ def run(argv: Sequence[str], *, check: bool = True, timeout_s: float = 120,
         raise errors.CommandFailed(cmd=" ".join(argv), rc=cp.returncode,
                                    stderr=stderr[-STDERR_TAIL_CHARS:] or "(no output)")
     return cp
+
+
+def run_visible(argv: Sequence[str], *, timeout_s: float | None = None) -> None:
+    """Run a command with this process's stdout and stderr (a progress display
+    on the user's terminal); MissingTool / CommandFailed as :func:`run`."""
+    argv = [str(a) for a in argv]
+    try:
+        rc = _runner(argv, timeout=timeout_s, stdin=subprocess.DEVNULL).returncode
+    except FileNotFoundError:
+        raise _missing(argv) from None
+    except subprocess.TimeoutExpired:
+        raise errors.CommandFailed(cmd=" ".join(argv), rc="timeout",
+                                   stderr=f"no exit after {timeout_s:g} s") from None
+    if rc != 0:
+        raise errors.CommandFailed(cmd=" ".join(argv), rc=rc, stderr="(shown above)")
 
 
 def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None,

@@ -22,8 +22,9 @@ Robustness (from the filter's implementation in nbdkit 1.32):
   holds the pause has disconnected.
 - A client that dies while paused does *not* resume I/O (the filter ignores
   the disconnect).  :func:`paused` resumes in ``finally``, so only a SIGKILL
-  can leave the disk paused; the next :func:`paused` or :func:`resume` on
-  the same socket ends it.
+  can leave the disk paused; the next :func:`paused`, :func:`resume` or
+  :func:`nudge_resume` on the same socket ends it, and every disk command
+  nudges the disks it finds attached.
 - Kernel NBD clients time out if a pause lasts long (nbd-client's timeout),
   so keep the work inside :func:`paused` short: a reflink or sparse copy.
 """
@@ -104,6 +105,26 @@ def paused(ctl_socket: os.PathLike | str, *,
             yield
         finally:
             _exchange(sock, b"r", RESUME_TIMEOUT_S, "resume I/O")
+    finally:
+        sock.close()
+
+
+def nudge_resume(ctl_socket: os.PathLike | str) -> bool:
+    """Queue a resume without waiting for it; True if the socket took it.
+
+    The filter reads the ``r`` once no other client holds the control
+    connection, so a live pauser is never disturbed, while a pause left by a
+    killed pauser ends at once.  Cheap enough for every command that looks at
+    an attached disk (``blockcrypt.disks`` calls it when it checks attachments).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(os.fspath(ctl_socket))
+        sock.sendall(b"r")
+        return True
+    except OSError:
+        return False
     finally:
         sock.close()
 

@@ -14,7 +14,6 @@ bytes-like objects, so no extra immutable copy is made on our side.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hmac
 import mmap
 import os
@@ -34,7 +33,9 @@ def _get_libc():
     global _libc
     if _libc is None:
         try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # Not ctypes.util.find_library: it forks ldconfig, which inside nbdkit
+            # shows up as a second nbdkit process.
+            _libc = ctypes.CDLL("libc.so.6", use_errno=True)
         except OSError:  # pragma: no cover - no libc: no mlock
             _libc = False
     return _libc

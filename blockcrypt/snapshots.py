@@ -58,15 +58,16 @@ from pathlib import Path
 from . import catalog, container, db, errors, fastcopy, names, proc, quiesce
 from .container import Header, Kind
 from .crashpoints import crashpoint
+from .disks import (_TMP_MARK, DiskService, check_header_matches, doom,  # one scheme
+                    publish, recover_dir)
 from .home import private_umask
 from .kms.envelope import parse_wrapped
 
-_TMP_MARK = ".tmp-"            # the same markers as blockcrypt.disks
-_DELETED_MARK = ".deleted"
+# How long a command waits for a concurrent one to settle: an attach in progress
+# (it holds the container before its row says 'attached'), or a snapshot create
+# that committed its row but has not yet renamed its file into place.
+SETTLE_TIMEOUT_S = 30.0
 
-# An attach in progress holds the container's lock before its attachment row
-# says 'attached'; a snapshot waits this long for it to settle.
-ATTACH_SETTLE_TIMEOUT_S = 30.0
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -87,7 +88,8 @@ def disk_lineage(disk: sqlite3.Row) -> str:
 
 
 def allocated_bytes(path: Path) -> int:
-    """Bytes the file occupies on disk (holes and shared reflinks excluded)."""
+    """Bytes allocated to the file (st_blocks): holes are not counted; extents
+    shared by reflink count in every file that shares them."""
     try:
         return os.stat(path).st_blocks * 512
     except FileNotFoundError:
@@ -116,9 +118,8 @@ class LifecycleService:
     the same home (stale attachments, crash recovery of disk files).
     """
 
-    def __init__(self, home, store, disks=None):
+    def __init__(self, home, store, disks: DiskService | None = None):
         if disks is None:
-            from .disks import DiskService
             disks = DiskService(home, store)
         self.home = home
         self.store = store
@@ -151,51 +152,17 @@ class LifecycleService:
         interrupted reset/reinit): :meth:`DiskService.recover_files`.
         """
         actions = self.disks.recover_files()
-        actions += self._recover_dir(self.home.snapshots_dir, "snapshots")
-        return actions
-
-    def _recover_dir(self, d: Path, table: str) -> list[str]:
-        try:
-            pending = [n for n in os.listdir(d) if _TMP_MARK in n or n.endswith(_DELETED_MARK)]
-        except FileNotFoundError:
-            return []
-        if not pending:
-            return []
-        actions = []
-        with db.write_txn(self.conn):
-            for fname in pending:
-                path = d / fname
-                if not path.exists():
-                    continue
-                obj_id = fname.split(".", 1)[0]
-                final = d / f"{obj_id}.bcd"
-                has_row = self.conn.execute(f"SELECT 1 FROM {table} WHERE id = ?",
-                                            (obj_id,)).fetchone() is not None
-                if _TMP_MARK in fname:
-                    if not _creator_gone(fname):
-                        continue
-                    if has_row and not final.exists():
-                        os.rename(path, final)
-                        actions.append(f"completed creation of {final.name}")
-                    elif not has_row:
-                        path.unlink()
-                        actions.append(f"removed unfinished {fname}")
-                else:
-                    if has_row and not final.exists():
-                        os.rename(path, final)
-                        actions.append(f"restored {final.name} (delete did not commit)")
-                    elif not has_row:
-                        path.unlink()
-                        actions.append(f"removed deleted {fname}")
-            _fsync_dir(d)
+        actions += recover_dir(self.conn, self.home.snapshots_dir, "snapshots")
         return actions
 
     # -- building containers ----------------------------------------------------
-    def _derive(self, tmp: Path, *, kind: Kind, uid: bytes,
+    def _derive(self, tmp: Path, source: sqlite3.Row, *, kind: Kind, uid: bytes,
                 size_bytes: int | None = None) -> Header:
-        """Turn the copy at tmp into a container of its own: kind, new uid, size
-        (growth only), and the same DK re-wrapped for the new key context."""
+        """Turn tmp, a copy of source's container (a disk or snapshot row), into a
+        container of its own: kind, new uid, size (growth only), and the same DK
+        re-wrapped for the new key context."""
         old = container.read_header(tmp)
+        check_header_matches(old, source, self.path_of(source))
         new = old.replace(kind=kind, uid=uid,
                           size_bytes=old.size_bytes if size_bytes is None else size_bytes)
         if new.size_bytes < old.size_bytes:
@@ -220,33 +187,55 @@ class LifecycleService:
         I/O paused through the pause filter's control socket.
         """
         src = self.path_of(disk)
-        deadline = time.monotonic() + ATTACH_SETTLE_TIMEOUT_S
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
             try:
                 fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
+                if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
+                    raise errors.DiskNotFound(name=disk["name"]) from None   # deleted
                 raise errors.StorageError(path=str(src), reason=f"the container of disk "
                                           f"{disk['name']!r} is missing") from None
-            try:
+            try:   # copy from this descriptor: the very file that was locked
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    locked = True
                 except BlockingIOError:
-                    pass                       # a read-write server holds it
-                else:
-                    return fastcopy.copy_to_new(src, dst), False
+                    locked = False             # a read-write server holds it
+                att = catalog.get_attachment(self.conn, disk["id"])
+                if locked and (att is None or att["state"] == "attached"):
+                    # detached, or attached read-only: nothing writes meanwhile
+                    return fastcopy.copy_to_new(fd, dst), False
+                # (an attach that has claimed the disk gets the file first: back off)
+                if not locked and att is not None and att["state"] == "attached" \
+                        and att["control_socket"]:
+                    with quiesce.paused(att["control_socket"]):
+                        crashpoint("snapshot.paused")
+                        return fastcopy.copy_to_new(fd, dst), True
             finally:
                 os.close(fd)
-            att = catalog.get_attachment(self.conn, disk["id"])
-            if att is not None and att["state"] == "attached" and att["control_socket"]:
-                with quiesce.paused(att["control_socket"]):
-                    crashpoint("snapshot.paused")
-                    return fastcopy.copy_to_new(src, dst), True
             if time.monotonic() > deadline:
                 raise errors.StateError(detail=f"disk {disk['name']!r} is in use but not "
                                         "attached through blockcrypt (or still being "
                                         "attached); retry when `blockcrypt disk show "
                                         f"{disk['name']}` says attached")
             time.sleep(0.2)
+
+    def _copy_snapshot(self, snap: sqlite3.Row, dst: Path) -> str:
+        """Copy a snapshot's container (immutable: no lock needed) to dst."""
+        path = self.path_of(snap)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
+            try:
+                return fastcopy.copy_to_new(path, dst)
+            except errors.NotFound:
+                if self._snapshot_row(snap["name"]) is None:
+                    raise errors.SnapshotNotFound(name=snap["name"]) from None  # deleted
+                # committed, and its creator is about to rename it into place
+                if not list(path.parent.glob(path.name + _TMP_MARK + "*")) \
+                        or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
 
     # -- snapshots ----------------------------------------------------------------
     def create_snapshot(self, disk_name: str, snap_name: str) -> dict:
@@ -267,10 +256,7 @@ class LifecycleService:
         try:
             method, quiesced = self._copy_disk(disk, tmp)
             crashpoint("snapshot.after-copy")
-            header = self._derive(tmp, kind=Kind.SNAPSHOT, uid=uid)
-            if header.encrypted and header.lineage_hex != disk["lineage_id"]:
-                raise errors.FormatError(path=str(self.path_of(disk)), reason="its lineage id "
-                                         "differs from the catalog's")
+            header = self._derive(tmp, disk, kind=Kind.SNAPSHOT, uid=uid)
             crashpoint("snapshot.before-commit")
             with db.write_txn(self.conn):
                 if self._snapshot_row(snap_name) is not None:
@@ -280,13 +266,13 @@ class LifecycleService:
                     disk_name=disk["name"], path=rel_path, size_bytes=header.size_bytes,
                     sector_size=header.sector_size, encrypted=int(header.encrypted),
                     cmk_id=header.cmk_id, lineage_id=disk_lineage(disk), created_at=_now())
+                row = self._snapshot_row(snap_name)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         crashpoint("snapshot.after-commit")
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        out = self.show_snapshot(snap_name)
+        publish(tmp, final)
+        out = self._describe_snapshot(row)      # as created (a delete may already follow)
         out.update(copy_method=method, quiesced=quiesced)
         return out
 
@@ -323,13 +309,10 @@ class LifecycleService:
         """Delete a snapshot.  Disks created from it are independent copies and
         are not affected (only `disk reinit` of such a disk needs it)."""
         self.recover_files()
-        row = get_snapshot(self.conn, name)
-        path = self.path_of(row)
-        doomed = path.with_name(path.name + _DELETED_MARK)
         with db.write_txn(self.conn):
             row = get_snapshot(self.conn, name)
-            if path.exists():
-                os.rename(path, doomed)
+            path = self.path_of(row)
+            doomed = doom(path)
             self.conn.execute("DELETE FROM snapshots WHERE id = ?", (row["id"],))
         crashpoint("snapshot-delete.after-commit")
         doomed.unlink(missing_ok=True)
@@ -360,17 +343,26 @@ class LifecycleService:
     # -- disks from snapshots ------------------------------------------------------
     def create_disk_from_snapshot(self, name: str, snap_name: str, *,
                                   size_bytes: int | None = None, encrypted: bool | None = None,
-                                  key_ref: str | None = None, discard: bool = False) -> dict:
+                                  key_ref: str | None = None, sector_size: int | None = None,
+                                  discard: bool = False) -> dict:
         """A new disk with a snapshot's contents, encryption, CMK, sector size and DK.
 
-        encrypted / key_ref may only confirm the snapshot's (ConversionRefused,
-        CmkChangeRefused otherwise); size_bytes may only grow it.
+        encrypted / key_ref / sector_size may only confirm the snapshot's
+        (ConversionRefused, CmkChangeRefused, InvalidInput otherwise);
+        size_bytes may only grow it.
         """
         names.validate_name(name)
         snap = get_snapshot(self.conn, snap_name)
         self._check_no_conversion(snap, encrypted, key_ref, f"disk {name!r}")
+        if sector_size is not None and sector_size != snap["sector_size"]:
+            raise errors.InvalidInput(detail=f"snapshot {snap_name!r} has {snap['sector_size']}"
+                                      f"-byte sectors and so has a disk created from it (the "
+                                      "sector size never changes); drop --sector-size, or "
+                                      "create a new disk and use `blockcrypt disk copy SRC DST`")
         if size_bytes is not None:
             names.check_size(size_bytes, snap["sector_size"])
+            # the container's own limit, before anything is copied or re-wrapped
+            container.new_header(Kind.DISK, size_bytes, snap["sector_size"], encrypted=False)
             if size_bytes < snap["size_bytes"]:
                 raise errors.InvalidSize(size=size_bytes, reason=f"a disk created from "
                                          f"snapshot {snap_name!r} needs at least its "
@@ -385,12 +377,9 @@ class LifecycleService:
         final = self.home.path / rel_path
         tmp = self._tmp_for(final)
         try:
-            method = fastcopy.copy_to_new(self.path_of(snap), tmp)
+            method = self._copy_snapshot(snap, tmp)
             crashpoint("from-snapshot.after-copy")
-            header = self._derive(tmp, kind=Kind.DISK, uid=uid, size_bytes=size_bytes)
-            if header.encrypted != bool(snap["encrypted"]) or header.cmk_id != snap["cmk_id"]:
-                raise errors.FormatError(path=str(self.path_of(snap)), reason="its header "
-                                         "disagrees with the catalog on encryption or CMK")
+            header = self._derive(tmp, snap, kind=Kind.DISK, uid=uid, size_bytes=size_bytes)
             crashpoint("from-snapshot.before-commit")
             with db.write_txn(self.conn):
                 if catalog.get_disk(self.conn, name) is not None:
@@ -401,13 +390,13 @@ class LifecycleService:
                     encrypted=int(header.encrypted), cmk_id=header.cmk_id,
                     lineage_id=header.lineage_hex if header.encrypted else snap["lineage_id"],
                     discard=int(discard), source_snapshot_id=snap["id"], created_at=_now())
+                row = catalog.get_disk_by_id(self.conn, header.uid_hex)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         crashpoint("from-snapshot.after-commit")
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        out = self.disks.show(name)
+        publish(tmp, final)
+        out = self.disks.describe(row, None)    # as created (a delete may already follow)
         out["copy_method"] = method
         return out
 
@@ -482,30 +471,30 @@ class LifecycleService:
         self.disks.cleanup_stale(disk["id"])
         att = catalog.get_attachment(self.conn, disk["id"])
         if att is not None:
-            raise self.disks._in_use_error(disk["name"], att)
+            raise self.disks.in_use_error(disk["name"], att)
         path = self.path_of(disk)
         tmp = self._tmp_for(path)
         uid = bytes.fromhex(disk["id"])
         try:
             if snap is not None:
-                method = fastcopy.copy_to_new(self.path_of(snap), tmp)
-                header = self._derive(tmp, kind=Kind.DISK, uid=uid,
+                method = self._copy_snapshot(snap, tmp)
+                header = self._derive(tmp, snap, kind=Kind.DISK, uid=uid,
                                       size_bytes=disk["size_bytes"])
             else:
                 method = "blank"
-                current = _peek_header(path)
-                if current.uid_hex != disk["id"]:
-                    raise errors.FormatError(path=str(path), reason=f"its id "
-                                             f"{current.uid_hex} is not the catalog's")
+                current = container.read_header(path, repair=False)
+                check_header_matches(current, disk, path)
                 with private_umask():
                     header = container.create_container(tmp, current.replace(seq=0))
             if header.encrypted and header.lineage_hex != disk["lineage_id"]:
                 raise _lineage_mismatch(snap["name"] if snap else "(blank)", disk["name"])
             crashpoint(f"{action}.before-swap")
             with db.write_txn(self.conn):
+                if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
+                    raise errors.DiskNotFound(name=disk["name"])     # deleted meanwhile
                 att = catalog.get_attachment(self.conn, disk["id"])
                 if att is not None:
-                    raise self.disks._in_use_error(disk["name"], att)
+                    raise self.disks.in_use_error(disk["name"], att)
                 _check_unlocked(path, disk["name"])
                 os.rename(tmp, path)
             _fsync_dir(path.parent)
@@ -526,16 +515,6 @@ def _lineage_mismatch(snapshot: str, disk: str) -> errors.LineageMismatch:
         f"copy NAME {disk}`", snapshot=snapshot, disk=disk)
 
 
-def _creator_gone(fname: str) -> bool:
-    """For a ``...tmp-<pid>-<start>`` name: is the process that wrote it gone?"""
-    owner = fname.split(_TMP_MARK, 1)[1].split("-")
-    try:
-        pid, start = int(owner[0]), int(owner[1])
-    except (IndexError, ValueError):
-        return False  # not ours: leave it alone
-    return not proc.process_alive(pid, start)
-
-
 def _check_unlocked(path: Path, name: str) -> None:
     """Refuse if any server holds the container (belt and braces for the catalog check)."""
     try:
@@ -550,26 +529,3 @@ def _check_unlocked(path: Path, name: str) -> None:
                                   device="(unknown)") from None
     finally:
         os.close(fd)
-
-
-def _peek_header(path: Path) -> Header:
-    """The winning header of a container, read without taking its flock (a
-    server may hold it) and without repairing anything."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise errors.StorageError(path=str(path), reason="the container file is missing") \
-            from None
-    try:
-        valid, failures = [], []
-        for offset in container.COPY_OFFSETS:
-            try:
-                valid.append(container.decode_copy(os.pread(fd, container.COPY_SIZE, offset),
-                                                   path=str(path)))
-            except errors.FormatError as exc:
-                failures.append(exc)
-    finally:
-        os.close(fd)
-    if not valid:
-        raise failures[0]
-    return max(valid, key=lambda h: h.seq)

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client
   fuse3 e2fsprogs python3-venv util-linux kmod rsync cryptsetup-bin
-  openssl fio qemu-utils qemu-system-x86 busybox-static
+  openssl fio qemu-utils qemu-system-x86 busybox-static xfsprogs
 )
 APT_PACKAGES+=(${BLOCKCRYPT_EXTRA_APT:-})
 

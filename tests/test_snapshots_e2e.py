@@ -12,8 +12,6 @@ import contextlib
 import os
 import socket
 import sqlite3
-import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +22,8 @@ from blockcrypt.backend import DiskBackend
 from blockcrypt.home import Home
 from blockcrypt.kms.store import KeyStore
 from blockcrypt.secret import Secret
-from conftest import REPO, require_tools, run_cli
+from conftest import require_tools, run_cli
+from test_fastcopy import xfs_reflink_dir  # noqa: F401  (fixture)
 
 PASS = b"correct horse battery staple"
 MiB = 1024 * 1024
@@ -224,6 +223,21 @@ def test_snapshot_of_sparse_disk_is_thin(env):
     assert env.json("snapshot", "list", "--disk", "other") == []
 
 
+@pytest.mark.e2e
+@pytest.mark.root
+def test_snapshot_is_a_reflink_on_xfs(xfs_reflink_dir, passphrase_file):
+    """With the home on a reflink file system, snapshots and disks from them are clones."""
+    env = Env(xfs_reflink_dir / "home", passphrase_file)
+    env.cli("init")
+    env.cli("disk", "create", "d", "--size", "64M")
+    data = pattern(10, 5 * MiB)
+    env.write(env.disk_path("d"), MiB, data)
+    assert env.json("snapshot", "create", "d", "s")["copy_method"] == "reflink"
+    assert data_area(env.snap_path("s")) == data_area(env.disk_path("d"))
+    assert env.json("disk", "create", "d2", "--from-snapshot", "s")["copy_method"] == "reflink"
+    assert env.read(env.disk_path("d2"), MiB, len(data)) == data
+
+
 # -- refusals --------------------------------------------------------------------------
 
 def _state(env: Env):
@@ -254,6 +268,8 @@ def test_every_refusal_has_its_class_and_changes_nothing(env, tmp_path):
         (errors.LineageMismatch, ["disk", "reset", "enc", "--snapshot", "ps"]),
         (errors.LineageMismatch, ["disk", "reset", "plain", "--snapshot", "es"]),
         (errors.InvalidSize, ["disk", "create", "x", "--from-snapshot", "es", "--size", "8M"]),
+        (errors.InvalidInput, ["disk", "create", "x", "--from-snapshot", "es", "--sector-size",
+                               "512"]),
         (errors.SnapshotNotFound, ["disk", "create", "x", "--from-snapshot", "nope"]),
         (errors.AlreadyExists, ["snapshot", "create", "enc", "es"]),
         (errors.AlreadyExists, ["disk", "create", "enc2", "--from-snapshot", "es"]),
@@ -267,9 +283,44 @@ def test_every_refusal_has_its_class_and_changes_nothing(env, tmp_path):
         assert _state(env) == before, argv
     assert not (tmp_path / "out.img").exists()
 
+    # A disabled CMK wraps nothing: no snapshot of a disk under it.
+    env.cli("key", "disable", "k1", "--force")
+    cp = env.cli("snapshot", "create", "enc", "while-disabled", check=False)
+    assert cp.returncode == errors.KeyStateError.exit_code, cp.stderr
+    assert _state(env) == before
+    env.cli("key", "enable", "k1")
+
     # Confirming the snapshot's own properties is not a contradiction.
-    env.cli("disk", "create", "ok1", "--from-snapshot", "es", "--encrypted", "--key", "k1")
+    env.cli("disk", "create", "ok1", "--from-snapshot", "es", "--encrypted", "--key", "k1",
+            "--sector-size", "4096")
     env.cli("disk", "create", "ok2", "--from-snapshot", "ps", "--no-encrypted")
+
+
+def test_downgraded_header_is_never_snapshotted_as_plain(env):
+    """A disk file whose header was rewritten as unencrypted (the checksum is not
+    a MAC) must not yield an unencrypted snapshot or disk: that would be a
+    conversion behind the catalog's back."""
+    env.cli("disk", "create", "enc", "--size", "16M")
+    env.cli("snapshot", "create", "enc", "good")
+    path = env.disk_path("enc")
+    original = container.read_header(path)
+    container.write_header(path, original.replace(
+        encrypted=False, cipher=container.CIPHER_NONE, cmk_id=None, cmk_version=None,
+        lineage_id=None, wrapped_dk=None))
+    before = _state(env)
+    for argv in (["snapshot", "create", "enc", "bad"], ["disk", "reinit", "enc"]):
+        cp = env.cli(*argv, check=False)
+        assert cp.returncode == errors.FormatError.exit_code, (argv, cp.stderr)
+        assert _state(env) == before
+    spath = env.snap_path("good")
+    container.write_header(spath, container.read_header(spath).replace(
+        encrypted=False, cipher=container.CIPHER_NONE, cmk_id=None, cmk_version=None,
+        lineage_id=None, wrapped_dk=None))
+    cp = env.cli("disk", "create", "x", "--from-snapshot", "good", check=False)
+    assert cp.returncode == errors.FormatError.exit_code, cp.stderr
+    cp = env.cli("snapshot", "export", "good", env.home.parent / "x.img", check=False)
+    assert cp.returncode == errors.ExportRefused.exit_code, cp.stderr
+    assert _state(env) == before and not (env.home.parent / "x.img").exists()
 
 
 # -- reset and reinit ------------------------------------------------------------------
@@ -344,10 +395,12 @@ def test_kill_at_every_step_leaves_nothing_behind(env, tmp_path):
     from_steps = _steps(env, tmp_path, "disk", "create", "probe-disk", "--from-snapshot",
                         "probe-snap")
     reset_steps = _steps(env, tmp_path, "disk", "reset", "d", "--snapshot", "probe-snap")
+    env.cli("disk", "create", "blank", "--size", "16M")
+    reinit_steps = _steps(env, tmp_path, "disk", "reinit", "blank")
     assert {"snapshot.after-copy", "snapshot.before-commit",
             "snapshot.after-commit"} <= set(snap_steps)
     assert {"from-snapshot.after-copy", "from-snapshot.after-commit"} <= set(from_steps)
-    assert "reset.before-swap" in reset_steps
+    assert "reset.before-swap" in reset_steps and "reinit.before-swap" in reinit_steps
 
     def crash(step, *argv):
         cp = env.cli(*argv, check=False, env={"BLOCKCRYPT_TESTONLY_CRASH_AT": step})
@@ -371,9 +424,32 @@ def test_kill_at_every_step_leaves_nothing_behind(env, tmp_path):
         crash(step, "disk", "reset", "d", "--snapshot", "probe-snap")
         assert env.read(env.disk_path("d"), 0, len(data)) == other
         assert env.dk(env.disk_path("d")) == dk
+    blank = env.disk_path("blank")
+    env.write(blank, 0, other)
+    for step in reinit_steps:
+        crash(step, "disk", "reinit", "blank")
+        assert env.read(blank, 0, len(other)) == other
     # A killed delete: the snapshot is gone or still whole, never half.
     crash("snapshot-delete.after-commit", "snapshot", "delete", "probe-snap")
     assert "probe-snap" not in [s["name"] for s in env.rows("snapshots")]
+
+
+def test_delete_racing_a_create_between_commit_and_rename(tmp_path):
+    """A create commits its row, then renames its temp file; a delete that runs in
+    between takes the temp file, and the creator's rename then leaves it."""
+    from blockcrypt.disks import doom, publish
+    final = tmp_path / "abc.bcd"
+    tmp = tmp_path / "abc.bcd.tmp-123-456"
+    tmp.write_bytes(b"container")
+    doomed = doom(final)
+    assert doomed == tmp_path / "abc.bcd.deleted" and doomed.read_bytes() == b"container"
+    assert publish(tmp, final) is False
+    assert sorted(os.listdir(tmp_path)) == ["abc.bcd.deleted"]
+    # the ordinary order: published first, then deleted
+    tmp.write_bytes(b"second")
+    doomed.unlink()
+    assert publish(tmp, final) is True
+    assert doom(final).read_bytes() == b"second" and not final.exists()
 
 
 # -- quiesce (nbdkit's pause filter) -----------------------------------------------------

@@ -1,4 +1,5 @@
-"""`blockcrypt disk ...`: create, list, show, delete, attach, detach, serve."""
+"""`blockcrypt disk ...`: create (also from a snapshot), reset, reinit, copy, list, show,
+delete, attach, detach, serve."""
 from __future__ import annotations
 
 import contextlib
@@ -92,15 +93,12 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
     """Create a disk NAME of --size bytes, or from a snapshot."""
     names.validate_name(name)
     if snapshot is not None:
-        if sector_size is not None:
-            raise errors.InvalidInput(detail="a disk created from a snapshot has the "
-                                             "snapshot's sector size; drop --sector-size")
         size_bytes = names.parse_size(size_text) if size_text is not None else None
         from ..snapshots import LifecycleService
         with _service(app) as svc:
             d = LifecycleService(app.home, svc.store, disks=svc).create_disk_from_snapshot(
                 name, snapshot, size_bytes=size_bytes, encrypted=encrypted, key_ref=key_ref,
-                discard=discard)
+                sector_size=int(sector_size) if sector_size else None, discard=discard)
         app.emit(d, f"created disk {name} from snapshot {snapshot}: "
                     f"{human_size(d['size_bytes'])}, "
                     f"{'encrypted under key ' + d['cmk_id'] if d['encrypted'] else 'not encrypted'}")
@@ -145,6 +143,26 @@ def reinit_cmd(app: App, name):
     with _service(app) as svc:
         d = LifecycleService(app.home, svc.store, disks=svc).reinit_disk(name)
     app.emit(d, f"disk {name} re-initialised")
+
+
+@disk_group.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@json_option
+@pass_app
+def copy_cmd(app: App, src, dst):
+    """Copy the files of disk SRC onto disk DST (root).
+
+    The supported way to move data between an unencrypted and an encrypted
+    disk, or to a disk under another CMK: both disks must be detached; SRC is
+    attached and mounted read-only, DST gets a file system of SRC's type if it
+    has none, `rsync -aHAX` copies, and both are detached again.
+    """
+    progress = sys.stdout.isatty() and not app.json_output
+    with _service(app) as svc:
+        r = svc.copy(src, dst, progress=progress)
+    made = f" (made a new {r['file_system']} file system)" if r["made_file_system"] else ""
+    app.emit(r, f"copied the files of disk {src} to disk {dst}{made}")
 
 
 @disk_group.command("list")
