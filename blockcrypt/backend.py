@@ -35,6 +35,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import threading
 from collections.abc import Iterator
@@ -46,10 +47,22 @@ from .secret import Secret
 from .xts import XtsCipher
 
 # Encrypt-and-write and zero-writing work in chunks of this many bytes, so one
-# request never needs more than this much scratch memory (nbdkit allows 64 MiB
-# requests and runs up to 16 of them at once).
-CHUNK_BYTES = 4 * 1024 * 1024
+# request never needs more than this much scratch memory.  nbdkit runs up to
+# 16 requests at once per connection (nbdcopy opens 4), so the scratch in use
+# at once stays within 64 x 1 MiB even for 32 MiB requests; ordinary requests
+# (4 KiB to 256 KiB) touch only their first pages of a buffer.
+CHUNK_BYTES = 1024 * 1024
 _ZEROS = bytes(CHUNK_BYTES)
+
+# Writes up to this size are copied into the scratch buffer and encrypted in
+# place there: cheaper than resolving the address of nbdkit's read-only buffer.
+SMALL_WRITE_BYTES = 64 * 1024
+
+# Scratch buffers kept for reuse once their request is done; more than this
+# many at once (a burst of concurrent requests) are unmapped when returned.
+MAX_IDLE_SCRATCH = 16
+
+_ZERO_WORD = bytes(8)
 
 # Largest number of extents returned by one extents() call; nbdkit accepts a
 # shorter answer and the client asks again from where it ends.
@@ -99,27 +112,48 @@ class _SectorRangeLock:
     a partial sector therefore never interleaves with another write of that
     sector, and the final content of the disk after concurrent overlapping
     writes is that of some serial order of them.  Requests in flight are few
-    (nbdkit's thread pool), so a list scan under one condition is cheap.
+    (nbdkit's thread pool), so a list scan under one mutex is cheap; the
+    condition is only notified when some writer waits.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._released = threading.Condition(self._mutex)
         self._held: list[tuple[int, int]] = []
+        self._waiting = 0
+
+    def _busy(self, first_sector: int, end_sector: int) -> bool:
+        for first, end in self._held:
+            if first < end_sector and first_sector < end:
+                return True
+        return False
+
+    def acquire(self, first_sector: int, end_sector: int) -> tuple[int, int]:
+        """Wait until no holder overlaps [first_sector, end_sector); take it."""
+        entry = (first_sector, end_sector)
+        with self._mutex:
+            while self._held and self._busy(first_sector, end_sector):
+                self._waiting += 1
+                try:
+                    self._released.wait()
+                finally:
+                    self._waiting -= 1
+            self._held.append(entry)
+        return entry
+
+    def release(self, entry: tuple[int, int]) -> None:
+        with self._mutex:
+            self._held.remove(entry)
+            if self._waiting:
+                self._released.notify_all()
 
     @contextlib.contextmanager
     def hold(self, first_sector: int, end_sector: int) -> Iterator[None]:
-        entry = (first_sector, end_sector)
-        with self._cond:
-            while any(first < end_sector and first_sector < end
-                      for first, end in self._held):
-                self._cond.wait()
-            self._held.append(entry)
+        entry = self.acquire(first_sector, end_sector)
         try:
             yield
         finally:
-            with self._cond:
-                self._held.remove(entry)
-                self._cond.notify_all()
+            self.release(entry)
 
 
 class DiskBackend:
@@ -156,6 +190,7 @@ class DiskBackend:
         self.encrypted = header.encrypted
         self._data_offset = header.data_offset
         self._range_lock = _SectorRangeLock()
+        self._idle_scratch: list[memoryview] = []   # list.pop/append: atomic
         self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
             try:
@@ -176,11 +211,17 @@ class DiskBackend:
         """Fill ``buf`` (writable, any length) with the plaintext at ``offset``."""
         view = memoryview(buf).cast("B")
         count = len(view)
-        self._check_range(count, offset)
+        if offset < 0 or offset + count > self.size_bytes:
+            self._check_range(count, offset)
         if self._cipher is None:
             self._pread_exact(view, self._data_offset + offset)
             return
         ss = self.sector_size
+        if not (offset % ss or count % ss):        # whole sectors: the common case
+            if count:
+                self._read_sectors(view, offset // ss)
+            return
+        # A partial head and/or tail sector: decrypt those through a scratch sector.
         for pos, sector_no, within, length, whole in self._pieces(count, offset):
             if whole:  # straight into the caller's buffer, decrypted in place
                 self._read_sectors(view[pos:pos + length], sector_no)
@@ -191,22 +232,32 @@ class DiskBackend:
 
     def pwrite(self, buf, offset: int, fua: bool) -> None:
         """Write ``buf`` (any length) at ``offset``; durable on return if ``fua``."""
-        self._check_writable()
+        if self.read_only:
+            self._check_writable()
         view = memoryview(buf).cast("B")
         count = len(view)
-        self._check_range(count, offset)
+        if offset < 0 or offset + count > self.size_bytes:
+            self._check_range(count, offset)
         if count == 0:
             return
         if self._cipher is None:
             self._pwrite_all(view, self._data_offset + offset)
         else:
-            with self._range_lock.hold(*self._sector_span(count, offset)):
-                for pos, sector_no, within, length, whole in self._pieces(count, offset):
-                    piece = view[pos:pos + length]
-                    if whole:
-                        self._encrypt_write(piece, sector_no)
-                    else:
-                        self._modify_sector(sector_no, within, piece)
+            ss = self.sector_size
+            lock = self._range_lock
+            entry = lock.acquire(offset // ss, -(-(offset + count) // ss))
+            try:
+                if not (offset % ss or count % ss):     # whole sectors: no read-modify-write
+                    self._encrypt_write(view, offset // ss)
+                else:
+                    for pos, sector_no, within, length, whole in self._pieces(count, offset):
+                        piece = view[pos:pos + length]
+                        if whole:
+                            self._encrypt_write(piece, sector_no)
+                        else:
+                            self._modify_sector(sector_no, within, piece)
+            finally:
+                lock.release(entry)
         if fua:
             os.fdatasync(self._fd)
 
@@ -288,6 +339,7 @@ class DiskBackend:
         cipher, self._cipher = getattr(self, "_cipher", None), None
         if cipher is not None:
             cipher.wipe()
+        getattr(self, "_idle_scratch", []).clear()   # unmaps the scratch buffers
         fd, self._fd = getattr(self, "_fd", -1), -1
         if fd >= 0:
             os.close(fd)
@@ -339,25 +391,43 @@ class DiskBackend:
 
     def _pread_exact(self, view: memoryview, file_offset: int) -> None:
         """Read len(view) bytes; bytes past the end of the file read as zeros."""
-        got = 0
+        got = os.preadv(self._fd, (view,), file_offset)
+        if got == len(view):
+            return
         while got < len(view):
-            n = os.preadv(self._fd, [view[got:]], file_offset + got)
+            n = os.preadv(self._fd, (view[got:],), file_offset + got)
             if n == 0:
                 view[got:] = bytes(len(view) - got)
                 return
             got += n
 
-    def _pwrite_all(self, view, file_offset: int) -> None:
-        view = memoryview(view).cast("B")
-        done = 0
+    def _pwrite_all(self, view: memoryview, file_offset: int) -> None:
+        done = os.pwrite(self._fd, view, file_offset)
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], file_offset + done)
 
     def _read_sectors(self, dst: memoryview, sector_no: int) -> None:
         """Read whole sectors into dst and decrypt them in place (zero-sector rule)."""
         ss = self.sector_size
-        self._pread_exact(dst, self._data_offset + sector_no * ss)
-        stored_nonzero = np.frombuffer(dst, dtype=np.uint64).reshape(-1, ss // 8).any(axis=1)
+        file_offset = self._data_offset + sector_no * ss
+        if os.preadv(self._fd, (dst,), file_offset) != len(dst):
+            self._pread_exact(dst, file_offset)  # short read: finish it (zeros past EOF)
+        # Zero-sector rule, fast test: a stored sector whose first 8 bytes are
+        # not all zero is not an all-zero sector.  Ciphertext starts with 8
+        # zero bytes with probability 2^-64; such a sector, and holes, take
+        # the exact per-sector test below.
+        step = ss // 8
+        if len(dst) == ss:                       # one sector (4 KiB requests)
+            heads_nonzero = dst[:8] != _ZERO_WORD
+        elif len(dst) <= 64 * ss:                # a few sectors: cheaper than numpy
+            heads_nonzero = all(dst.cast("Q")[::step].tolist())
+        else:
+            heads_nonzero = bool(np.frombuffer(dst, dtype=np.uint64)[::step].all())
+        if heads_nonzero:
+            self._cipher.crypt_in_place(dst, sector_no, False)
+            return
+        words = np.frombuffer(dst, dtype=np.uint64)
+        stored_nonzero = words.reshape(-1, step).any(axis=1)
         if stored_nonzero.all():
             self._cipher.decrypt_into(dst, dst, sector_no)
             return
@@ -370,13 +440,29 @@ class DiskBackend:
     def _encrypt_write(self, plain: memoryview, sector_no: int) -> None:
         """Encrypt whole sectors into a scratch buffer and write them."""
         ss = self.sector_size
-        scratch = memoryview(bytearray(min(len(plain), CHUNK_BYTES)))
-        for pos in range(0, len(plain), CHUNK_BYTES):
-            piece = plain[pos:pos + CHUNK_BYTES]
-            out = scratch[:len(piece)]
-            first = sector_no + pos // ss
-            self._cipher.encrypt_into(piece, out, first)
-            self._pwrite_all(out, self._data_offset + first * ss)
+        try:
+            scratch = self._idle_scratch.pop()
+        except IndexError:
+            # Anonymous mapping: pages are only backed once written, so a 4 KiB
+            # request costs 4 KiB of memory, not CHUNK_BYTES.
+            scratch = memoryview(mmap.mmap(-1, CHUNK_BYTES))
+        try:
+            count = len(plain)
+            if count <= SMALL_WRITE_BYTES:
+                out = scratch[:count]
+                out[:] = plain
+                self._cipher.crypt_in_place(out, sector_no, True)
+                self._pwrite_all(out, self._data_offset + sector_no * ss)
+                return
+            for pos in range(0, count, CHUNK_BYTES):
+                piece = plain[pos:pos + CHUNK_BYTES]
+                out = scratch[:len(piece)]
+                first = sector_no + pos // ss
+                self._cipher.encrypt_into(piece, out, first)
+                self._pwrite_all(out, self._data_offset + first * ss)
+        finally:
+            if len(self._idle_scratch) < MAX_IDLE_SCRATCH:
+                self._idle_scratch.append(scratch)
 
     def _encrypt_zeros(self, sector_no: int, length: int) -> None:
         ss = self.sector_size

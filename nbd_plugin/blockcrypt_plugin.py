@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+from typing import NoReturn
 
 import nbdkit
 
@@ -52,6 +53,8 @@ _readonly = False
 _discard = False
 _dk: secret.Secret | None = None
 _backend: DiskBackend | None = None
+
+_FLAG_FUA = nbdkit.FLAG_FUA
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -127,20 +130,25 @@ def cleanup() -> None:
         _dk = None
 
 
-def _nbd_errors(fn):
-    """Report any failure to nbdkit with the errno of :func:`errno_for` (EIO
-    for anything unexpected: a failed request never looks like success).
+def _fail(op: str, exc: Exception) -> NoReturn:
+    """Report a failed request to nbdkit with the errno of :func:`errno_for`
+    (EIO for anything unexpected: a failed request never looks like success).
 
-    The exception re-raised carries the operation and the error text only
+    The exception raised carries the operation and the error text only
     (``from None`` drops the chained original): never buffers or key bytes.
     """
+    nbdkit.set_error(errno_for(exc))
+    raise RuntimeError(f"{op}: {type(exc).__name__}: {exc}") from None
+
+
+def _nbd_errors(fn):
+    """Route any failure of the callback through :func:`_fail`."""
     @functools.wraps(fn)
     def wrapper(*args):
         try:
             return fn(*args)
         except Exception as e:  # noqa: BLE001 - every failure must reach the client
-            nbdkit.set_error(errno_for(e))
-            raise RuntimeError(f"{fn.__name__}: {type(e).__name__}: {e}") from None
+            _fail(fn.__name__, e)
     return wrapper
 
 
@@ -208,14 +216,21 @@ def can_cache(h):
     return nbdkit.CACHE_NONE
 
 
-@_nbd_errors
+# pread and pwrite, the per-request callbacks, handle errors inline: the
+# _nbd_errors wrapper would cost a Python frame on every request.
+
 def pread(h, buf, offset, flags):
-    _backend.pread_into(buf, offset)
+    try:
+        _backend.pread_into(buf, offset)
+    except Exception as e:  # noqa: BLE001 - every failure must reach the client
+        _fail("pread", e)
 
 
-@_nbd_errors
 def pwrite(h, buf, offset, flags):
-    _backend.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    try:
+        _backend.pwrite(buf, offset, bool(flags & _FLAG_FUA))
+    except Exception as e:  # noqa: BLE001
+        _fail("pwrite", e)
 
 
 @_nbd_errors
