@@ -137,7 +137,7 @@ def test_large_request_spanning_chunks(tmp_path):
 
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_ciphertext_on_disk_is_xts_at_the_sector_tweak(tmp_path, sector_size):
-    """Sector i is stored at data_offset + i*ss, encrypted with plain64 tweak i*(ss/512)."""
+    """F-30, F-31: Sector i is stored at data_offset + i*ss, encrypted with plain64 tweak i*(ss/512)."""
     path = tmp_path / "c.bcd"
     header, dk = make_container(path, 1 * MiB, sector_size, True)
     sector_no = 37
@@ -158,6 +158,7 @@ def test_ciphertext_on_disk_is_xts_at_the_sector_tweak(tmp_path, sector_size):
 
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_unencrypted_disk_stores_plaintext_at_data_offset(tmp_path, sector_size):
+    """F-34: an unencrypted data area holds the plaintext at the same offsets."""
     path = tmp_path / "p.bcd"
     header, _ = make_container(path, 1 * MiB, sector_size, False)
     data = os.urandom(5000)
@@ -168,7 +169,7 @@ def test_unencrypted_disk_stores_plaintext_at_data_offset(tmp_path, sector_size)
 
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_zero_sector_rule(tmp_path, sector_size):
-    """A stored all-zero sector reads as zeros; any other stored bytes are decrypted."""
+    """F-32, F-33: A stored all-zero sector reads as zeros; any other stored bytes are decrypted."""
     path = tmp_path / "z.bcd"
     header, dk = make_container(path, 1 * MiB, sector_size, True)
     ss = sector_size
@@ -257,6 +258,7 @@ def test_reads_past_end_of_a_short_file_are_zeros(tmp_path):
 
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_zero_without_discard_writes_encrypted_zeros(tmp_path, sector_size):
+    """F-33: without discard, zeroing stores encrypted zeros (no holes reveal unused ranges)."""
     path = tmp_path / "z.bcd"
     header, dk = make_container(path, 1 * MiB, sector_size, True)
     data = os.urandom(256 * KiB)
