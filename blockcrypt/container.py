@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import errors
-from .home import private_umask
+from .home import create_private_file
 
 MAGIC = b"BLKCRYPT"                 # F-6
 FORMAT_VERSION = 1                  # F-8
@@ -404,11 +404,7 @@ def _pwrite(fd: int, data: bytes, offset: int) -> None:
 
 
 def _storage_error(path: str, exc: OSError) -> errors.BlockcryptError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return errors.NoSpace(path=path)
-    if exc.errno == errno.ENOENT:
-        return errors.NotFound(what="container file", name=path)
-    return errors.StorageError(path=path, reason=exc.strerror or str(exc))
+    return errors.storage_error(path, exc, "container file")
 
 
 # struct flock for F_OFD_SETLKW (Linux x86-64/arm64): l_type, l_whence, l_start,
@@ -641,14 +637,7 @@ def create_container(path: os.PathLike | str, header: Header) -> Header:
     p = os.fspath(path)
     stored = header.replace(seq=0)
     raw = encode_copy(stored)
-    try:
-        with private_umask():
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise errors.AlreadyExists(what="container file", name=p) from None
-    except OSError as exc:
-        raise _storage_error(p, exc) from None
+    fd = create_private_file(p, "container file")
     try:
         try:
             os.ftruncate(fd, stored.file_size_bytes)

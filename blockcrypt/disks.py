@@ -368,6 +368,13 @@ class DiskService:
         return [self.describe(d, catalog.get_attachment(self.conn, d["id"]), d["id"] in stale)
                 for d in catalog.list_disks(self.conn)]
 
+    def _require_free(self, disk) -> None:
+        """Clean a stale attachment of disk, then refuse if it is still in use."""
+        self.cleanup_stale(disk["id"])
+        att = catalog.get_attachment(self.conn, disk["id"])
+        if att is not None:
+            raise self.in_use_error(disk["name"], att)
+
     def show(self, name: str) -> dict:
         self.recover_files()
         disk = self._disk(name)
@@ -676,10 +683,7 @@ class DiskService:
         _require_root("blockcrypt disk attach")
         self.recover_files()
         disk = self._disk(name)
-        self.cleanup_stale(disk["id"])
-        att = catalog.get_attachment(self.conn, disk["id"])
-        if att is not None:
-            raise self.in_use_error(name, att)
+        self._require_free(disk)
         run_dir = self.run_dir_of(name)
         for sock in (run_dir / NBD_SOCKET, run_dir / CONTROL_SOCKET):
             _check_socket_path(sock)
@@ -780,10 +784,7 @@ class DiskService:
         self.recover_files()
         disks = [self._disk(src_name), self._disk(dst_name)]
         for d in disks:
-            self.cleanup_stale(d["id"])
-            att = catalog.get_attachment(self.conn, d["id"])
-            if att is not None:
-                raise self.in_use_error(d["name"], att)
+            self._require_free(d)
         ensure_private_dir(self.home.run_dir)
         work = Path(tempfile.mkdtemp(prefix="copy-", dir=self.home.run_dir))
         attached: list[str] = []
@@ -878,10 +879,7 @@ class DiskService:
                 unix_path.unlink()
         self.recover_files()
         disk = self._disk(name)
-        self.cleanup_stale(disk["id"])
-        att = catalog.get_attachment(self.conn, disk["id"])
-        if att is not None:
-            raise self.in_use_error(name, att)
+        self._require_free(disk)
         run_dir = self.run_dir_of(name)
         _check_socket_path(run_dir / CONTROL_SOCKET)
         _require_tools("nbdkit")

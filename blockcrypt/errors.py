@@ -306,6 +306,18 @@ class NoSpace(StorageError):
     exit_code = 91
 
 
+def storage_error(path, exc: OSError, what: str = "file") -> BlockcryptError:
+    """The user-facing error for an OSError on path: NoSpace, NotFound or StorageError."""
+    import errno
+    import os
+    p = os.fspath(path)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(path=p)
+    if exc.errno == errno.ENOENT:
+        return NotFound(what=what, name=p)
+    return StorageError(path=p, reason=exc.strerror or str(exc))
+
+
 def all_error_classes() -> list[type[BlockcryptError]]:
     """Every class in the tree (used by tests to check codes are unique)."""
     out, todo = [], [BlockcryptError]

@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 
 from . import errors
-from .home import private_umask
+from .home import create_private_file
 
 # <linux/fs.h>: #define FICLONE _IOW(0x94, 9, int)
 FICLONE = 0x40049409
@@ -51,9 +51,7 @@ _disable_reflink = False
 
 
 def _storage_error(path: os.PathLike | str, exc: OSError) -> errors.BlockcryptError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return errors.NoSpace(path=os.fspath(path))
-    return errors.StorageError(path=os.fspath(path), reason=exc.strerror or str(exc))
+    return errors.storage_error(path, exc)
 
 
 def try_reflink(src_fd: int, dst_fd: int) -> bool:
@@ -166,14 +164,7 @@ def copy_to_new(src: os.PathLike | str | int, dst: os.PathLike | str, *, src_off
                 raise errors.NotFound(what="file", name=os.fspath(src)) from None
             raise _storage_error(src, exc) from None
     try:
-        try:
-            with private_umask():
-                dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise errors.AlreadyExists(what="file", name=dst) from None
-        except OSError as exc:
-            raise _storage_error(dst, exc) from None
+        dst_fd = create_private_file(dst)
         try:
             whole = src_offset == 0 and length is None
             method = REFLINK if whole and try_reflink(src_fd, dst_fd) else SPARSE

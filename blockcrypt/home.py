@@ -47,6 +47,22 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
+def create_private_file(path, what: str = "file") -> int:
+    """Create path exclusively as a 0600 file (never following a symlink); return its fd.
+
+    AlreadyExists if it exists; NoSpace / StorageError for other failures.
+    """
+    from . import errors
+    try:
+        with private_umask():
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise errors.AlreadyExists(what=what, name=os.fspath(path)) from None
+    except OSError as exc:
+        raise errors.storage_error(path, exc, what) from None
+
+
 class Home:
     """The blockcrypt home directory and the paths inside it."""
 

@@ -31,7 +31,6 @@ another process in between is detected (``kek_generation``) and refused.
 from __future__ import annotations
 
 import hmac
-import os
 import re
 import sqlite3
 import uuid
