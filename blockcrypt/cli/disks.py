@@ -10,6 +10,7 @@ import click
 
 from .. import errors, names
 from . import App, cli, json_option, pass_app
+from .store import format_fields
 
 
 def human_size(size_bytes: int) -> str:
@@ -46,9 +47,7 @@ def _print_disk(d: dict) -> None:
                  ("read-only", "yes" if d["read_only"] else "no"),
                  ("socket", d["socket"] or "-")]
     rows.append(("file", d["path"]))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        click.echo(f"{k + ':':<{width + 1}} {v}")
+    click.echo(format_fields(rows))
 
 
 def _print_table(disks: list[dict]) -> None:

@@ -7,7 +7,7 @@ import click
 
 from . import App, cli, json_option, pass_app
 from .disks import human_size
-from .store import format_table
+from .store import format_fields, format_table
 
 
 def lifecycle(app: App):
@@ -29,9 +29,7 @@ def _print_snapshot(s: dict) -> None:
         ("cmk", s["cmk_id"] or "-"), ("lineage", s["lineage_id"] or "-"),
         ("created", s["created_at"]), ("file", s["path"]),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        click.echo(f"{k + ':':<{width + 1}} {v}")
+    click.echo(format_fields(rows))
 
 
 def _print_list(snaps: list[dict]) -> None:

@@ -28,6 +28,12 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def format_fields(rows: list[tuple[str, object]]) -> str:
+    """`name: value` lines with the values aligned (one object's details)."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)
+
+
 @cli.command("init")
 @json_option
 @pass_app
