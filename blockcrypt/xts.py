@@ -170,6 +170,12 @@ class _LibCrypto:
         self.init = lib_gil.EVP_CipherInit_ex
         self.update = lib_gil.EVP_CipherUpdate
         self.update_nogil = lib.EVP_CipherUpdate
+        # The same function once more, without argtypes, for the per-request
+        # fast path: it is called with ctypes objects only (c_void_p, a
+        # pointer, and an int that fits C int), which ctypes passes without
+        # the from_param conversion of every argument (~0.1 us per call).
+        self.update_raw = lib_gil._FuncPtr(("EVP_CipherUpdate", lib_gil))
+        self.update_raw.restype = i
         self.aes_256_xts = lib.EVP_aes_256_xts()
         self.aes_256_ecb = lib.EVP_aes_256_ecb()
         if not (self.aes_256_xts and self.aes_256_ecb):
@@ -351,13 +357,22 @@ class _Worker:
         self.iv_addr = ctypes.addressof(self.iv)
         self.outl = ctypes.c_int()
         self.outl_addr = ctypes.addressof(self.outl)
+        self.outl_ptr = ctypes.pointer(self.outl)
+        # For the fast path (_LibCrypto.update_raw): per direction, the context
+        # as a c_void_p, its live IV, and a c_void_p set to each data address.
+        self.fast: dict[bool, tuple[ctypes.c_void_p, ctypes.Array, ctypes.c_void_p]] = {}
         self.src_buf = _PyBuffer()
         self.src_buf_addr = ctypes.addressof(self.src_buf)
         self.scratch = None
         try:
             for encrypt in (True, False):
                 ctx = self._new(lib.aes_256_xts, key_addr, encrypt)
-                self.xts[encrypt] = (ctx, lib.live_iv(ctx))
+                live_iv = lib.live_iv(ctx)
+                if live_iv is not None:
+                    live_iv[1] = 0                    # tweaks are 64-bit: word 1 stays 0
+                self.xts[encrypt] = (ctx, live_iv)
+                if live_iv is not None:
+                    self.fast[encrypt] = (ctypes.c_void_p(ctx), live_iv, ctypes.c_void_p())
             if bulk:
                 self.ecb["k2"] = self._new(lib.aes_256_ecb, key_addr + 32, True)
                 self.ecb["k1-enc"] = self._new(lib.aes_256_ecb, key_addr, True)
@@ -383,6 +398,7 @@ class _Worker:
     def wipe(self) -> None:
         """Free the contexts (cleansing key schedules) and zero the masks."""
         self.xts.clear()                          # the live IVs point into the contexts
+        self.fast.clear()
         self.ecb.clear()
         for ctx in self.ctxs:
             self.lib.free_ctx(ctx)
@@ -478,7 +494,6 @@ class OpenSslXts:
             update, outl_addr = self._lib.update, st.outl_addr
             size = self._sector_size
             if live_iv is not None:           # the tweak written into the context's IV
-                live_iv[1] = 0
                 if nbytes == size:            # one sector (4 KiB requests): no loop
                     live_iv[0] = tweak
                     if update(ctx, dst_addr, outl_addr, src_addr, size) != 1:
@@ -505,6 +520,83 @@ class OpenSslXts:
             self._idle.append(st)
             if self._closed:                  # close() ran meanwhile: free it now
                 self._wipe_idle()
+
+    def fast_paths(self, fallback):
+        """``(crypt_in_place, crypt_at)`` for the per-request path, or None.
+
+        ``crypt_in_place(buf, sector_index, encrypt)`` replaces
+        :meth:`XtsCipher.crypt_in_place`; ``crypt_at(addr, nbytes,
+        sector_index, encrypt)`` does the same on memory the caller owns and
+        keeps alive (the backend's scratch buffers, whose addresses it keeps),
+        without any check: ``nbytes`` must be a positive multiple of the
+        sector size below the bulk threshold and the sectors within the tweak
+        range.
+
+        The backend calls these once per request, so everything they need is
+        bound in the closure (no attribute lookups, no bound-method objects)
+        and the OpenSSL call takes ctypes objects made once per worker.
+        crypt_in_place checks only what the C call does not check itself:
+        whole sectors, an int sector index in range, bytes format; ctypes'
+        ``from_buffer`` refuses read-only and non-contiguous buffers.  Anything
+        unusual, and requests for the bulk path, go to ``fallback`` (the
+        checked generic path), which raises the precise error.  None when the
+        live-IV technique is not available on this libcrypto (then every
+        request takes the generic path).
+        """
+        if not self._lib.live_iv_works:
+            return None
+        idle, new_worker = self._idle, self._new_worker
+        ss, step = self._sector_size, self._tweak_step
+        fast_max = BULK_MIN_SECTORS * 512 - 1 if self._bulk else 1 << 62
+        end_sector = MAX_TWEAK // step + 1               # first index out of range
+        update = self._lib.update_raw
+        addressof, char_from_buffer = _addressof, _char_from_buffer
+        engine = self
+
+        def crypt_at(addr, nbytes, sector_index, encrypt):
+            try:
+                st = idle.pop()
+            except IndexError:
+                st = new_worker()
+            try:
+                if engine._closed:
+                    raise errors.StateError(
+                        detail="the XTS cipher has been wiped; open the disk again")
+                ctx, live_iv, ptr = st.fast[encrypt]
+                outl = st.outl_ptr
+                tweak = sector_index * step
+                if nbytes == ss:                         # one sector: no loop
+                    live_iv[0] = tweak
+                    ptr.value = addr
+                    if update(ctx, ptr, outl, ptr, ss) != 1:
+                        raise errors.CryptoError(detail=f"OpenSSL XTS failed on tweak {tweak}")
+                    return
+                for a in range(addr, addr + nbytes, ss):
+                    live_iv[0] = tweak
+                    ptr.value = a
+                    if update(ctx, ptr, outl, ptr, ss) != 1:
+                        raise errors.CryptoError(detail=f"OpenSSL XTS failed on tweak {tweak}")
+                    tweak += step
+            finally:
+                idle.append(st)
+                if engine._closed:                       # close() ran meanwhile: free it now
+                    engine._wipe_idle()
+
+        def crypt_in_place(buf, sector_index, encrypt):
+            if type(buf) is not memoryview or type(sector_index) is not int:
+                return fallback(buf, sector_index, encrypt)
+            nbytes = buf.nbytes
+            if (nbytes % ss or not 0 < nbytes <= fast_max or buf.format != "B"
+                    or sector_index < 0 or sector_index + nbytes // ss > end_sector):
+                return fallback(buf, sector_index, encrypt)
+            try:
+                addr = addressof(char_from_buffer(buf))
+            except (TypeError, ValueError):              # read-only or not contiguous
+                return fallback(buf, sector_index, encrypt)
+            # buf (the caller's memoryview) keeps the memory alive and pinned.
+            crypt_at(addr, nbytes, sector_index, encrypt)
+
+        return crypt_in_place, crypt_at
 
     def _bulk_512(self, st: _Worker, src, dst, dst_addr: int, nbytes: int,
                   first_tweak: int, encrypt: bool) -> None:
@@ -597,6 +689,14 @@ class XtsCipher:
         else:
             self._engine = ReferenceXts(self._key.view(), sector_size)
         self.engine_name = self._engine.name
+        # The per-request path: OpenSslXts binds a lean version of
+        # crypt_in_place (an instance attribute, found before the method).
+        fast = getattr(self._engine, "fast_paths", None)
+        fast = fast(self._checked_crypt_in_place) if fast is not None else None
+        if fast is not None:
+            self.crypt_in_place, self.crypt_at = fast
+        else:
+            self.crypt_at = None
 
     def _run(self, src, dst, sector_index: int, encrypt: bool) -> None:
         try:
@@ -661,8 +761,16 @@ class XtsCipher:
         backend's per-request path: ``buf`` must already be a writable,
         contiguous memoryview of bytes (format "B"), which saves making and
         checking views (a measurable part of a 4 KiB request).  Anything else
-        raises InvalidInput, as the other methods do.
+        raises InvalidInput, as the other methods do.  With the OpenSSL engine
+        an instance attribute replaces this method
+        (:meth:`OpenSslXts.fast_paths`); both give the same results
+        and errors.
         """
+        self._checked_crypt_in_place(buf, sector_index, encrypt)
+
+    def _checked_crypt_in_place(self, buf: memoryview, sector_index: int,
+                                encrypt: bool) -> None:
+        """:meth:`crypt_in_place` through the generic checks and engine call."""
         ss = self.sector_size
         nbytes = len(buf) if type(buf) is memoryview else -1
         if (nbytes % ss or buf.readonly or not buf.c_contiguous or buf.format != "B"
