@@ -199,6 +199,17 @@ def parse_tcp_endpoint(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _check_threads(threads: int | None) -> None:
+    """Refuse a worker-thread count nbdkit should not get (before anything starts)."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) \
+            or not 1 <= threads <= proc.MAX_NBDKIT_THREADS:
+        raise errors.InvalidInput(
+            detail=f"--threads must be between 1 and {proc.MAX_NBDKIT_THREADS}, got {threads}; "
+                   f"the default is {proc.NBDKIT_THREADS}")
+
+
 def serve_tls_mode(*, tcp: tuple[str, int] | None, tls_psk: Path | None,
                    tls_certificates: Path | None, no_tls: bool) -> str:
     """nbdkit's --tls mode for a serve request; raise InvalidInput if the
@@ -496,7 +507,8 @@ class DiskService:
                       read_only: bool, unix_socket: Path | None = None,
                       tcp: tuple[str, int] | None = None, tls: str = "off",
                       tls_psk: Path | None = None, tls_certificates: Path | None = None,
-                      serve: bool = False) -> tuple[subprocess.Popen, int]:
+                      serve: bool = False,
+                      threads: int | None = None) -> tuple[subprocess.Popen, int]:
         """Start nbdkit for the disk and wait until it serves; returns (the
         process we started, nbdkit's pid): for attach the process is the
         supervisor shell (see proc.supervised_argv), for serve nbdkit itself.
@@ -519,7 +531,8 @@ class DiskService:
                 discard=bool(disk["discard"]), keyfd=keyfd, pidfile=pidfile,
                 pause_control=run_dir / CONTROL_SOCKET, unix_socket=unix_socket, tcp=tcp,
                 exit_with_parent=serve, tls=tls,
-                tls_psk=tls_psk, tls_certificates=tls_certificates)
+                tls_psk=tls_psk, tls_certificates=tls_certificates,
+                threads=proc.NBDKIT_THREADS if threads is None else threads)
             with private_umask():
                 log = open(log_path, "ab")
             with log:
@@ -678,8 +691,14 @@ class DiskService:
             shutil.rmtree(run_dir, ignore_errors=True)
 
     # -- attach / detach -------------------------------------------------------------
-    def attach(self, name: str, *, read_only: bool = False) -> dict:
-        """Attach the disk as a local block device; returns the description."""
+    def attach(self, name: str, *, read_only: bool = False,
+               threads: int | None = None) -> dict:
+        """Attach the disk as a local block device; returns the description.
+
+        ``threads``: nbdkit worker threads per connection (default
+        :data:`proc.NBDKIT_THREADS`).
+        """
+        _check_threads(threads)
         _require_root("blockcrypt disk attach")
         self.recover_files()
         disk = self._disk(name)
@@ -709,7 +728,8 @@ class DiskService:
                 ensure_private_dir(run_dir)
                 _, nbdkit_pid = self._start_nbdkit(name, disk, dk, run_dir,
                                                    read_only=read_only,
-                                                   unix_socket=run_dir / NBD_SOCKET)
+                                                   unix_socket=run_dir / NBD_SOCKET,
+                                                   threads=threads)
                 if dk is not None:
                     dk.wipe()
                 crashpoint("disk-attach.after-nbdkit")
@@ -854,13 +874,17 @@ class DiskService:
     def serve(self, name: str, *, unix_path: Path | None = None, tcp: str | None = None,
               read_only: bool = False, tls_psk: Path | None = None,
               tls_certificates: Path | None = None, no_tls: bool = False,
-              on_ready: Callable[[dict], None] | None = None) -> int:
+              on_ready: Callable[[dict], None] | None = None,
+              threads: int | None = None) -> int:
         """Serve the disk with nbdkit in the foreground until SIGINT/SIGTERM/SIGHUP.
 
         While it runs the disk has a 'serve' attachment row, so it cannot be
         attached, served twice or deleted.  Returns 0 once stopped by a signal;
         ServerError if nbdkit fails to start or exits by itself with an error.
+        ``threads``: nbdkit worker threads per connection (default
+        :data:`proc.NBDKIT_THREADS`).
         """
+        _check_threads(threads)
         if (unix_path is None) == (tcp is None):
             raise errors.InvalidInput(detail="give exactly one of --unix PATH and --tcp HOST:PORT")
         endpoint = parse_tcp_endpoint(tcp) if tcp is not None else None
@@ -913,7 +937,7 @@ class DiskService:
                     p, _ = self._start_nbdkit(name, disk, dk, run_dir, read_only=read_only,
                                            unix_socket=unix_path, tcp=endpoint, tls=tls,
                                            tls_psk=tls_psk, tls_certificates=tls_certificates,
-                                           serve=True)
+                                           serve=True, threads=threads)
                 except errors.ServerError:
                     if stop["signal"] is not None:
                         return 0  # interrupted while starting

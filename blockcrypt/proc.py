@@ -59,20 +59,23 @@ _runner = subprocess.run
 # least as good as 16; 2 starved random writes.  4 requests per connection
 # can still wait on the backing storage at once.
 NBDKIT_THREADS = 4
+MAX_NBDKIT_THREADS = 64
 
 
 def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discard: bool,
                 keyfd: int | None, pidfile: Path, pause_control: Path,
                 unix_socket: Path | None = None, tcp: tuple[str, int] | None = None,
                 exit_with_parent: bool = False, tls: str = "off",
-                tls_psk: Path | None = None, tls_certificates: Path | None = None) -> list[str]:
+                tls_psk: Path | None = None, tls_certificates: Path | None = None,
+                threads: int = NBDKIT_THREADS) -> list[str]:
     """nbdkit serving one container through the blockcrypt Python plugin.
 
     The pause filter is always stacked on top so a snapshot can quiesce I/O
     through ``pause_control`` while the disk is in use.  ``keyfd`` names an
     inherited descriptor carrying the data key (None for unencrypted disks).
     tls: "off", "on" or "require" (nbdkit's --tls); with "on"/"require" exactly
-    one of tls_psk / tls_certificates must be given.
+    one of tls_psk / tls_certificates must be given.  ``threads``: nbdkit worker
+    threads per connection (see NBDKIT_THREADS).
     """
     if (unix_socket is None) == (tcp is None):
         raise ValueError("exactly one of unix_socket and tcp")
@@ -82,7 +85,10 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
         raise ValueError("TLS needs exactly one of tls_psk and tls_certificates")
     # Always --foreground: no fork, so the process holding the key is the one that
     # mlocked it (see supervised_argv for how an attached disk's nbdkit outlives us).
-    argv = ["nbdkit", "--foreground", "--threads", str(NBDKIT_THREADS)]
+    if isinstance(threads, bool) or not isinstance(threads, int) \
+            or not 1 <= threads <= MAX_NBDKIT_THREADS:
+        raise ValueError(f"threads must be 1..{MAX_NBDKIT_THREADS}, got {threads!r}")
+    argv = ["nbdkit", "--foreground", "--threads", str(threads)]
     if exit_with_parent:
         argv.append("--exit-with-parent")
     argv += ["--log=stderr", "--pidfile", str(pidfile)]

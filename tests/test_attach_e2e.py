@@ -25,6 +25,7 @@ from blockcrypt.cli import read_passphrase_file
 from blockcrypt.home import Home
 from blockcrypt.kms.store import KeyStore
 from conftest import REPO, require_block_devices, require_tools, run_cli
+from nbdkit_helpers import import_libnbd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -474,6 +475,31 @@ def test_serve_unix_nbdinfo_nbdcopy_and_stop(env):
     assert not sock.exists()
     assert env.json("disk", "show", "srv")["state"] == "available"
     assert_nothing_started(env, "srv")
+
+
+def test_serve_threads_reach_nbdkit(env):
+    """--threads N is nbdkit's worker-thread count per connection: seen in the
+    running nbdkit's command line and in its thread count while a client is
+    connected (N workers besides the main and connection threads)."""
+    require_tools("nbdinfo")
+    env.create("thr", "64M")
+    sock = env.tmp / "thr.sock"
+    p, info = start_serve(env, "thr", "--unix", str(sock), "--threads", "7")
+    try:
+        pid = int((env.home / "run" / "thr" / "nbdkit.pid").read_text())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--threads") + 1] == b"7"
+        nbd = import_libnbd()
+        h = nbd.NBD()
+        h.connect_unix(str(sock))
+        h.pread(4096, 0)
+        tasks = len(os.listdir(f"/proc/{pid}/task"))
+        h.shutdown()
+        assert tasks >= 7 + 1, tasks
+    finally:
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(timeout=30)
+    assert rc == 0, p.stderr.read().decode()
 
 
 def test_serve_tcp_loopback_without_tls_and_kill9_of_cli(env):

@@ -281,6 +281,8 @@ def test_live_claim_blocks_delete(cli, home):
     ([], "exactly one"),
     (["--tcp", "127.0.0.1:10809", "--tls-psk", "/nonexistent/psk"], "no such file"),
     (["--tcp", "127.0.0.1:10809", "--tls-psk", "/etc/hostname", "--no-tls"], "contradicts"),
+    (["--unix", "/tmp/x.sock", "--threads", "0"], "--threads must be between 1 and 64"),
+    (["--unix", "/tmp/x.sock", "--threads", "65"], "--threads must be between 1 and 64"),
 ])
 def test_serve_refusals(cli, home, args, needle):
     cli("disk", "create", "s", "--size", "64M")
@@ -288,6 +290,15 @@ def test_serve_refusals(cli, home, args, needle):
     assert cp.returncode == errors.InvalidInput.exit_code, _err(cp)
     assert needle in _err(cp)
     assert not (home / "run" / "s").exists() and _db_rows(home, "attachments") == []
+
+
+@pytest.mark.parametrize("threads", ["0", "65"])
+def test_attach_refuses_bad_thread_count(cli, home, threads):
+    cli("disk", "create", "t", "--size", "64M")
+    cp = cli("disk", "attach", "t", "--threads", threads, check=False)
+    assert cp.returncode == errors.InvalidInput.exit_code, _err(cp)
+    assert "--threads must be between 1 and 64" in _err(cp)
+    assert not (home / "run" / "t").exists() and _db_rows(home, "attachments") == []
 
 
 def test_serve_loopback_v6_no_tls_is_allowed_by_policy():

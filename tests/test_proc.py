@@ -40,6 +40,17 @@ def test_nbdkit_argv_attach():
                       "discard=false", f"pause-control={RUN / 'ctl.sock'}"]
 
 
+def test_nbdkit_argv_threads():
+    argv = _nbdkit()
+    assert argv[argv.index("--threads") + 1] == str(proc.NBDKIT_THREADS) == "4"
+    argv = _nbdkit(threads=16)
+    assert argv[argv.index("--threads") + 1] == "16"
+    assert argv.index("--threads") < argv.index("python")     # an nbdkit option
+    for bad in (0, -1, proc.MAX_NBDKIT_THREADS + 1, True, "4"):
+        with pytest.raises(ValueError):
+            _nbdkit(threads=bad)
+
+
 def test_nbdkit_argv_read_only_discard_unencrypted():
     argv = _nbdkit(read_only=True, discard=True, keyfd=None)
     assert "--readonly" in argv

@@ -199,12 +199,15 @@ def delete_cmd(app: App, name):
 @disk_group.command("attach")
 @click.argument("name")
 @click.option("--read-only", is_flag=True, help="Attach read-only (writes fail with EROFS).")
+@click.option("--threads", type=int, default=None, metavar="N",
+              help="nbdkit worker threads per connection (1-64, default 4). More help "
+                   "only when the disk's file sits on slow or remote storage.")
 @json_option
 @pass_app
-def attach_cmd(app: App, name, read_only):
+def attach_cmd(app: App, name, read_only, threads):
     """Attach a disk as a local block device (root) and print the device path."""
     with _service(app) as svc:
-        d = svc.attach(name, read_only=read_only)
+        d = svc.attach(name, read_only=read_only, threads=threads)
     app.emit(d, d["device"])
 
 
@@ -235,9 +238,13 @@ def detach_cmd(app: App, name):
               help="Directory with nbdkit TLS certificates (ca-cert.pem, server-cert.pem, "
                    "server-key.pem).")
 @click.option("--no-tls", is_flag=True, help="Plain TCP; refused unless HOST is loopback.")
+@click.option("--threads", type=int, default=None, metavar="N",
+              help="nbdkit worker threads per connection (1-64, default 4). More help "
+                   "only when the disk's file sits on slow or remote storage.")
 @json_option
 @pass_app
-def serve_cmd(app: App, name, unix_path, tcp, read_only, tls_psk, tls_certificates, no_tls):
+def serve_cmd(app: App, name, unix_path, tcp, read_only, tls_psk, tls_certificates, no_tls,
+              threads):
     """Serve a disk over NBD with nbdkit in the foreground until interrupted."""
     def ready(info: dict) -> None:
         app.emit(info, f"serving disk {name} on {info['endpoint']} (export name {name!r}"
@@ -247,5 +254,6 @@ def serve_cmd(app: App, name, unix_path, tcp, read_only, tls_psk, tls_certificat
 
     with _service(app) as svc:
         svc.serve(name, unix_path=unix_path, tcp=tcp, read_only=read_only, tls_psk=tls_psk,
-                  tls_certificates=tls_certificates, no_tls=no_tls, on_ready=ready)
+                  tls_certificates=tls_certificates, no_tls=no_tls, on_ready=ready,
+                  threads=threads)
     app.info(f"stopped serving disk {name}")
