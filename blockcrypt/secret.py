@@ -13,6 +13,7 @@ bytes-like objects, so no extra immutable copy is made on our side.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import hmac
 import mmap
@@ -27,6 +28,32 @@ _libc = None
 _PAGE = mmap.PAGESIZE
 _page_locks: dict[int, int] = {}
 _page_locks_mutex = threading.Lock()
+# Pages of wiped secrets whose munlock accounting waits for the mutex.  A wipe
+# never blocks on the mutex: wipes also run from finalizers (__del__ of a
+# Secret or of an object holding one), which the garbage collector can start
+# inside the mutex's own critical section in the same thread, where a blocking
+# acquire of this non-reentrant lock would deadlock (it hung a test run once).
+# Such a wipe zeroes the bytes at once and queues its pages here; the next
+# holder of the mutex settles them.  deque append/popleft are atomic.
+_pending_unlocks: collections.deque[list[int]] = collections.deque()
+
+
+def _settle_pending_unlocks(libc) -> None:
+    """Count down the pages of wiped secrets; munlock those no secret uses.
+    Caller holds _page_locks_mutex."""
+    while _pending_unlocks:
+        try:
+            pages = _pending_unlocks.popleft()
+        except IndexError:                   # emptied by a nested call
+            return
+        for p in pages:
+            n = _page_locks.get(p, 0) - 1
+            if n > 0:
+                _page_locks[p] = n
+            else:
+                _page_locks.pop(p, None)
+                if libc:
+                    libc.munlock(ctypes.c_void_p(p), ctypes.c_size_t(_PAGE))
 
 
 def _get_libc():
@@ -101,6 +128,7 @@ class Secret:
         if not libc or not len(self._buf):
             return
         with _page_locks_mutex:
+            _settle_pending_unlocks(libc)
             pages = _pages(self._buf)
             new = [p for p in pages if p not in _page_locks]
             for p in new:
@@ -113,16 +141,13 @@ class Secret:
             self._locked = True
 
     def _unlock(self, buf: bytearray) -> None:
-        libc = _get_libc()
-        with _page_locks_mutex:
-            for p in _pages(buf):
-                n = _page_locks.get(p, 0) - 1
-                if n > 0:
-                    _page_locks[p] = n
-                else:
-                    _page_locks.pop(p, None)
-                    if libc:
-                        libc.munlock(ctypes.c_void_p(p), ctypes.c_size_t(_PAGE))
+        """Drop this secret's page locks, or queue them if the mutex is busy."""
+        _pending_unlocks.append(_pages(buf))
+        if _page_locks_mutex.acquire(blocking=False):
+            try:
+                _settle_pending_unlocks(_get_libc())
+            finally:
+                _page_locks_mutex.release()
 
     def __len__(self) -> int:
         return len(self._buf)

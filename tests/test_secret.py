@@ -112,3 +112,36 @@ def test_wiping_one_secret_keeps_page_neighbours_locked():
     assert _locked_kib() > 0
     for s in keep:
         s.wipe()
+
+
+def test_wipe_from_a_finalizer_inside_the_page_lock_section_does_not_deadlock():
+    """The garbage collector can run a finalizer (a Secret's __del__, or that of
+    an object holding one) while the same thread holds the page-lock mutex inside
+    Secret._lock.  Such a wipe must not block on that non-reentrant mutex (it
+    once hung a whole test run): it zeroes the bytes at once and leaves the
+    munlock accounting to the next holder of the mutex."""
+    import threading
+
+    from blockcrypt import secret as mod
+    victim = Secret(b"k" * 64)
+    buf = victim._buf
+    pages = mod._pages(buf)
+    counts = {p: mod._page_locks.get(p, 0) for p in pages}
+    locked = victim._locked             # False where RLIMIT_MEMLOCK forbids mlock
+    done = threading.Event()
+
+    def inside_the_critical_section():
+        with mod._page_locks_mutex:     # as Secret._lock holds it when GC strikes
+            victim.wipe()
+        done.set()
+
+    t = threading.Thread(target=inside_the_critical_section, daemon=True)
+    t.start()
+    t.join(10)
+    assert done.is_set(), "wipe blocked on the page-lock mutex its own thread holds"
+    assert victim.wiped and bytes(buf) == bytes(64)
+    Secret(b"n" * 16).wipe()            # the next holder settles the queued pages
+    assert not mod._pending_unlocks
+    if locked:
+        for p in pages:
+            assert mod._page_locks.get(p, 0) == counts[p] - 1
