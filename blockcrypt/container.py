@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import errors
-from .home import create_private_file
+from .home import create_private_file, fsync_dir
 
 MAGIC = b"BLKCRYPT"                 # F-6
 FORMAT_VERSION = 1                  # F-8
@@ -618,14 +618,6 @@ def grow_container(path: os.PathLike | str, size_bytes: int, *,
         os.close(fd)
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def create_container(path: os.PathLike | str, header: Header) -> Header:
     """Create a new sparse container file (F-28, F-3); returns the stored header.
 
@@ -646,7 +638,7 @@ def create_container(path: os.PathLike | str, header: Header) -> Header:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(os.path.dirname(os.path.abspath(p)))
+        fsync_dir(os.path.dirname(os.path.abspath(p)))
     except OSError as exc:
         try:
             os.unlink(p)

@@ -90,7 +90,7 @@ from pathlib import Path
 
 from . import catalog, container, db, errors, names, proc, quiesce
 from .crashpoints import crashpoint
-from .home import ensure_private_dir, private_umask
+from .home import ensure_private_dir, fsync_dir, private_umask
 from .kms.envelope import parse_wrapped
 from .secret import Secret
 
@@ -125,14 +125,6 @@ _DELETED_MARK = ".deleted"
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def plugin_env() -> dict[str, str]:
@@ -201,10 +193,7 @@ def parse_tcp_endpoint(text: str) -> tuple[str, int]:
 
 def _check_threads(threads: int | None) -> None:
     """Refuse a worker-thread count nbdkit should not get (before anything starts)."""
-    if threads is None:
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) \
-            or not 1 <= threads <= proc.MAX_NBDKIT_THREADS:
+    if threads is not None and not proc.valid_thread_count(threads):
         raise errors.InvalidInput(
             detail=f"--threads must be between 1 and {proc.MAX_NBDKIT_THREADS}, got {threads}; "
                    f"the default is {proc.NBDKIT_THREADS}")
@@ -258,7 +247,8 @@ class DiskService:
         self._start = proc.process_start_time(self._pid)
 
     # -- helpers --------------------------------------------------------------
-    def _disk(self, name: str) -> sqlite3.Row:
+    def disk_row(self, name: str) -> sqlite3.Row:
+        """The catalog row of disk ``name``; DiskNotFound if there is none."""
         names.validate_name(name)
         row = catalog.get_disk(self.conn, name)
         if row is None:
@@ -388,7 +378,7 @@ class DiskService:
 
     def show(self, name: str) -> dict:
         self.recover_files()
-        disk = self._disk(name)
+        disk = self.disk_row(name)
         stale = self._cleanup_stale_quietly(disk["id"])
         return self.describe(disk, catalog.get_attachment(self.conn, disk["id"]),
                               disk["id"] in stale)
@@ -396,11 +386,11 @@ class DiskService:
     def delete(self, name: str) -> None:
         """Delete a disk (refused while attached or served): file and row."""
         self.recover_files()
-        disk = self._disk(name)
+        disk = self.disk_row(name)
         self.cleanup_stale(disk["id"])
         d = self.home.disks_dir
         with db.write_txn(self.conn):
-            disk = self._disk(name)
+            disk = self.disk_row(name)
             att = catalog.get_attachment(self.conn, disk["id"])
             if att is not None:
                 raise self.in_use_error(disk["name"], att)
@@ -409,7 +399,7 @@ class DiskService:
             crashpoint("disk-delete.in-txn")
         crashpoint("disk-delete.after-row")
         doomed.unlink(missing_ok=True)
-        _fsync_dir(d)
+        fsync_dir(d)
 
     # -- attachments: state -----------------------------------------------------
     def _is_stale(self, att: sqlite3.Row) -> bool:
@@ -701,7 +691,7 @@ class DiskService:
         _check_threads(threads)
         _require_root("blockcrypt disk attach")
         self.recover_files()
-        disk = self._disk(name)
+        disk = self.disk_row(name)
         self._require_free(disk)
         run_dir = self.run_dir_of(name)
         for sock in (run_dir / NBD_SOCKET, run_dir / CONTROL_SOCKET):
@@ -760,7 +750,7 @@ class DiskService:
         Returns {"name", "device", "stale": bool}; a stale attachment is just
         cleaned."""
         _require_root("blockcrypt disk detach")
-        disk = self._disk(name)
+        disk = self.disk_row(name)
         att = catalog.get_attachment(self.conn, disk["id"])
         if att is not None and self.cleanup_stale(disk["id"]):
             return {"name": name, "device": att["device"], "stale": True}
@@ -802,7 +792,7 @@ class DiskService:
             raise errors.InvalidInput(detail=f"disk copy needs two different disks, got "
                                              f"{src_name!r} twice")
         self.recover_files()
-        disks = [self._disk(src_name), self._disk(dst_name)]
+        disks = [self.disk_row(src_name), self.disk_row(dst_name)]
         for d in disks:
             self._require_free(d)
         ensure_private_dir(self.home.run_dir)
@@ -902,7 +892,7 @@ class DiskService:
                                                      "choose another path")
                 unix_path.unlink()
         self.recover_files()
-        disk = self._disk(name)
+        disk = self.disk_row(name)
         self._require_free(disk)
         run_dir = self.run_dir_of(name)
         _check_socket_path(run_dir / CONTROL_SOCKET)
@@ -980,7 +970,7 @@ def publish(tmp: Path, final: Path) -> bool:
         os.rename(tmp, final)
     except FileNotFoundError:
         return False
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return True
 
 
@@ -1054,7 +1044,7 @@ def recover_dir(conn: sqlite3.Connection, d: Path, table: str) -> list[str]:
                 elif not has_row:
                     path.unlink()
                     actions.append(f"removed deleted {fname}")
-        _fsync_dir(d)
+        fsync_dir(d)
     return actions
 
 

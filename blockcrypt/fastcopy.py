@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 
 from . import errors
-from .home import create_private_file
+from .home import create_private_file, fsync_dir
 
 # <linux/fs.h>: #define FICLONE _IOW(0x94, 9, int)
 FICLONE = 0x40049409
@@ -135,14 +135,6 @@ def sparse_copy(src_fd: int, dst_fd: int, src_offset: int = 0,
     os.ftruncate(dst_fd, length)
 
 
-def _fsync_dir(directory: os.PathLike | str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def copy_to_new(src: os.PathLike | str | int, dst: os.PathLike | str, *, src_offset: int = 0,
                 length: int | None = None) -> str:
     """Copy src (or its range [src_offset, src_offset + length)) to a new file dst.
@@ -208,5 +200,5 @@ def copy_file(src: os.PathLike | str, dst: os.PathLike | str, *, src_offset: int
         raise _storage_error(dst_path, exc) from None
     finally:
         os.unlink(tmp)
-    _fsync_dir(dst_path.parent)
+    fsync_dir(dst_path.parent)
     return method

@@ -63,6 +63,15 @@ def create_private_file(path, what: str = "file") -> int:
         raise errors.storage_error(path, exc, what) from None
 
 
+def fsync_dir(directory: os.PathLike | str) -> None:
+    """fsync a directory, so that a rename or a new entry in it is durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Home:
     """The blockcrypt home directory and the paths inside it."""
 

@@ -62,6 +62,12 @@ NBDKIT_THREADS = 4
 MAX_NBDKIT_THREADS = 64
 
 
+def valid_thread_count(threads) -> bool:
+    """Whether ``threads`` is a worker-thread count nbdkit_argv accepts."""
+    return (isinstance(threads, int) and not isinstance(threads, bool)
+            and 1 <= threads <= MAX_NBDKIT_THREADS)
+
+
 def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discard: bool,
                 keyfd: int | None, pidfile: Path, pause_control: Path,
                 unix_socket: Path | None = None, tcp: tuple[str, int] | None = None,
@@ -85,8 +91,7 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
         raise ValueError("TLS needs exactly one of tls_psk and tls_certificates")
     # Always --foreground: no fork, so the process holding the key is the one that
     # mlocked it (see supervised_argv for how an attached disk's nbdkit outlives us).
-    if isinstance(threads, bool) or not isinstance(threads, int) \
-            or not 1 <= threads <= MAX_NBDKIT_THREADS:
+    if not valid_thread_count(threads):
         raise ValueError(f"threads must be 1..{MAX_NBDKIT_THREADS}, got {threads!r}")
     argv = ["nbdkit", "--foreground", "--threads", str(threads)]
     if exit_with_parent:

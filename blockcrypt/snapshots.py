@@ -60,7 +60,7 @@ from .container import Header, Kind
 from .crashpoints import crashpoint
 from .disks import (_TMP_MARK, DiskService, check_header_matches, doom,  # one scheme
                     publish, recover_dir)
-from .home import private_umask
+from .home import fsync_dir, private_umask
 from .kms.envelope import parse_wrapped
 
 # How long a command waits for a concurrent one to settle: an attach in progress
@@ -71,14 +71,6 @@ SETTLE_TIMEOUT_S = 30.0
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def disk_lineage(disk: sqlite3.Row) -> str:
@@ -134,13 +126,6 @@ class LifecycleService:
 
     def _tmp_for(self, final: Path) -> Path:
         return final.with_name(f"{final.name}{_TMP_MARK}{self._pid}-{self._start}")
-
-    def _disk(self, name: str) -> sqlite3.Row:
-        names.validate_name(name)
-        row = catalog.get_disk(self.conn, name)
-        if row is None:
-            raise errors.DiskNotFound(name=name)
-        return row
 
     # -- crash recovery -----------------------------------------------------------
     def recover_files(self) -> list[str]:
@@ -243,7 +228,7 @@ class LifecycleService:
         names.validate_name(disk_name)
         names.validate_name(snap_name, "snapshot")
         self.recover_files()
-        disk = self._disk(disk_name)
+        disk = self.disks.disk_row(disk_name)
         self.disks.cleanup_stale(disk["id"])
         if self._snapshot_row(snap_name) is not None:
             raise errors.AlreadyExists(what="snapshot", name=snap_name)
@@ -316,7 +301,7 @@ class LifecycleService:
             self.conn.execute("DELETE FROM snapshots WHERE id = ?", (row["id"],))
         crashpoint("snapshot-delete.after-commit")
         doomed.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return {"name": row["name"], "id": row["id"], "deleted": True}
 
     def export_snapshot(self, name: str, dest: Path) -> dict:
@@ -429,7 +414,7 @@ class LifecycleService:
         The disk keeps its id, name, size and key; its contents become the
         snapshot's.  The snapshot must not be larger than the disk.
         """
-        disk = self._disk(name)
+        disk = self.disks.disk_row(name)
         snap = get_snapshot(self.conn, snap_name)
         if snap["lineage_id"] != disk_lineage(disk) or bool(snap["encrypted"]) != \
                 bool(disk["encrypted"]):
@@ -443,7 +428,7 @@ class LifecycleService:
     def reinit_disk(self, name: str) -> dict:
         """Return a detached disk to its initial state, keeping its key (ReInitDisk):
         blank, or the snapshot it was created from."""
-        disk = self._disk(name)
+        disk = self.disks.disk_row(name)
         if disk["source_snapshot_id"]:
             snap = self.conn.execute("SELECT * FROM snapshots WHERE id = ?",
                                      (disk["source_snapshot_id"],)).fetchone()
@@ -497,7 +482,7 @@ class LifecycleService:
                     raise self.disks.in_use_error(disk["name"], att)
                 _check_unlocked(path, disk["name"])
                 os.rename(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
