@@ -713,12 +713,16 @@ class XtsCipher:
                 or (sector_index + (nbytes // ss or 1) - 1) * self._tweak_step > MAX_TWEAK):
             self._check(src_view, dst_view, sector_index)
             sector_index = int(sector_index)          # an int subclass passed the checks
+        self._dispatch(src_view, dst_view, nbytes, sector_index, encrypt)
+
+    def _dispatch(self, src: memoryview, dst: memoryview, nbytes: int, sector_index: int,
+                  encrypt: bool) -> None:
+        """Hand a checked request to the engine (StateError once wiped)."""
         engine = self._engine
         if engine is None:
             raise errors.StateError(detail="the XTS cipher has been wiped; open the disk again")
         if nbytes:
-            engine.crypt_into(src_view, dst_view, nbytes,
-                              sector_index * self._tweak_step, encrypt)
+            engine.crypt_into(src, dst, nbytes, sector_index * self._tweak_step, encrypt)
 
     def _check(self, src_view: memoryview, dst_view: memoryview, sector_index) -> None:
         """Raise InvalidInput naming the first thing wrong with a request."""
@@ -781,11 +785,7 @@ class XtsCipher:
                     detail="crypt_in_place needs a memoryview of bytes (format 'B')")
             self._check(buf, buf, sector_index)
             sector_index = int(sector_index)          # an int subclass passed the checks
-        engine = self._engine
-        if engine is None:
-            raise errors.StateError(detail="the XTS cipher has been wiped; open the disk again")
-        if nbytes:
-            engine.crypt_into(buf, buf, nbytes, sector_index * self._tweak_step, encrypt)
+        self._dispatch(buf, buf, nbytes, sector_index, encrypt)
 
     def encrypt(self, data, sector_index: int) -> bytearray:
         out = bytearray(memoryview(data).nbytes)
