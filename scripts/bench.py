@@ -65,7 +65,6 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PLUGIN = REPO / "nbd_plugin" / "blockcrypt_plugin.py"
 SYSTEM_PYTHON = "/usr/bin/python3"     # has python3-libnbd (the `nbd` module)
 
 KiB = 1024
@@ -120,11 +119,10 @@ class ProcessTable:
     def __init__(self) -> None:
         self._procs: list[subprocess.Popen] = []
 
-    def spawn(self, argv: list[str], *, log: Path, env: dict | None = None,
-              pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    def spawn(self, argv: list[str], *, log: Path, env: dict | None = None) -> subprocess.Popen:
         with open(log, "ab") as logf:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds,
+                                    stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True, preexec_fn=_child_setup)
         self._procs.append(proc)
         return proc
@@ -227,13 +225,6 @@ def cli_argv(home: Path, passphrase_file: Path, *args: str) -> list[str]:
             "--passphrase-file", str(passphrase_file), *args]
 
 
-def disk_serve_available() -> bool:
-    """True once `blockcrypt disk serve` exists (the preferred way to start blockcrypt)."""
-    cp = subprocess.run([sys.executable, "-m", "blockcrypt", "disk", "serve", "--help"],
-                        capture_output=True, cwd=REPO, env=cli_env(), timeout=60)
-    return cp.returncode == 0
-
-
 def wait_until_serving(proc: subprocess.Popen, sock: Path, uris: list[str], log: Path,
                        size_bytes: int) -> str:
     """Wait for ``sock`` and a successful NBD handshake; return the URI that worked."""
@@ -261,11 +252,10 @@ def wait_until_serving(proc: subprocess.Popen, sock: Path, uris: list[str], log:
 class ServerFactory:
     """Creates each server's fresh image and starts it; ``start`` returns a Running."""
 
-    def __init__(self, workdir: Path, size_bytes: int, procs: ProcessTable, use_cli: bool):
+    def __init__(self, workdir: Path, size_bytes: int, procs: ProcessTable):
         self.workdir = workdir
         self.size_bytes = size_bytes
         self.procs = procs
-        self.use_cli = use_cli
         self.passphrase_file = workdir / "passphrase"
         self.passphrase_file.write_bytes(THROWAWAY_PASSPHRASE)
         self.passphrase_file.chmod(0o600)
@@ -320,11 +310,6 @@ class ServerFactory:
 
     def _blockcrypt(self, run_dir: Path, sock: Path, log: Path, encrypted: bool,
                     sector_size: int):
-        if self.use_cli:
-            return self._blockcrypt_cli(run_dir, sock, log, encrypted, sector_size)
-        return self._blockcrypt_direct(run_dir, sock, log, encrypted, sector_size)
-
-    def _blockcrypt_cli(self, run_dir, sock, log, encrypted, sector_size):
         """`blockcrypt init`, `disk create`, `disk serve NAME --unix SOCK` in a fresh home."""
         home = run_dir / "home"
         name = "bench"
@@ -337,43 +322,6 @@ class ServerFactory:
         proc = self.procs.spawn(cli_argv(home, self.passphrase_file, "disk", "serve", name,
                                          "--unix", str(sock)), log=log, env=env)
         return proc, [self._uri(sock), self._uri(sock, name)]
-
-    def _blockcrypt_direct(self, run_dir, sock, log, encrypted, sector_size):
-        """Fallback until `disk serve` exists: a container made with the library and
-        nbdkit started with the plugin, the data key passed through a pipe (keyfd)."""
-        from blockcrypt import container
-        from blockcrypt.secret import Secret
-
-        path = run_dir / "disk.bcd"
-        dk = Secret.random(64) if encrypted else None
-        if encrypted:
-            # The wrapped key is never unwrapped here: the plugin gets the DK via keyfd.
-            header = container.new_header(container.Kind.DISK, self.size_bytes, sector_size,
-                                          encrypted=True, cmk_id="bench", cmk_version=1,
-                                          wrapped_dk=b"\x00" * 64)
-        else:
-            header = container.new_header(container.Kind.DISK, self.size_bytes, sector_size,
-                                          encrypted=False)
-        container.create_container(path, header)
-        argv = ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "python", str(PLUGIN),
-                f"file={path}"]
-        pass_fds: tuple[int, ...] = ()
-        rfd = -1
-        if dk is not None:
-            rfd, wfd = os.pipe()
-            try:
-                os.write(wfd, dk.view())
-            finally:
-                os.close(wfd)
-                dk.wipe()
-            argv.append(f"keyfd={rfd}")
-            pass_fds = (rfd,)
-        try:
-            proc = self.procs.spawn(argv, log=log, env=plugin_env(), pass_fds=pass_fds)
-        finally:
-            if rfd >= 0:
-                os.close(rfd)
-        return proc, [self._uri(sock)]
 
     # peers -----------------------------------------------------------------------
 
@@ -843,16 +791,13 @@ def run(args: argparse.Namespace) -> dict:
     workdir.chmod(0o700)
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
-        use_cli = disk_serve_available()
-        launch = ("`blockcrypt init`, `disk create`, `disk serve NAME --unix SOCK`" if use_cli
-                  else "nbdkit + nbd_plugin/blockcrypt_plugin.py directly (key via keyfd "
-                       "pipe), because `blockcrypt disk serve` is not available")
+        launch = "`blockcrypt init`, `disk create`, `disk serve NAME --unix SOCK`"
         say(f"work dir {workdir} on {filesystem_of(workdir)}; {args.size / MiB:,.0f} MiB per "
             f"server, {args.reps} repetition(s), fio {args.fio_runtime:g} s")
         say(f"blockcrypt servers: {launch}")
         source = workdir / "source.bin"
         make_source(source, args.size)
-        factory = ServerFactory(workdir, args.size, procs, use_cli)
+        factory = ServerFactory(workdir, args.size, procs)
 
         samples: dict[str, dict[str, list[float]]] = {
             s: {w: [] for w, _, _ in WORKLOADS} for s in args.servers}
