@@ -15,13 +15,13 @@ from __future__ import annotations
 import re
 
 from . import errors
+from .constants import SECTOR_SIZES, is_sector_size  # noqa: F401  (re-exported)
 
 NAME_MAX_CHARS = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 # 2^63: off_t is signed 64-bit, so no byte at or past 2^63 can be addressed.
 MAX_SIZE_BYTES = 2 ** 63
-SECTOR_SIZES = (512, 4096)
 
 _SUFFIX_POWER = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 _SIZE_RE = re.compile(r"(?P<num>[0-9]+)(?P<suffix>[KMGTPE]?)(?:I?B)?", re.IGNORECASE)
@@ -78,7 +78,7 @@ def check_size(size_bytes: int, sector_size: int | None = None,
 
 
 def check_sector_size(sector_size: int) -> int:
-    if sector_size not in SECTOR_SIZES:
+    if not is_sector_size(sector_size):
         raise errors.InvalidInput(
             detail=f"sector size {sector_size} is not supported; use 512 or 4096")
     return sector_size

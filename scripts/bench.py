@@ -22,7 +22,7 @@ with these workloads, all over Unix sockets (no root needed):
     randwrite_4k_iops     fio, nbd engine, 4 KiB random writes, queue depth 32
     peak_rss_MiB          VmHWM of the server process (nbdkit / qemu-nbd) after the above
 
-plus the cipher alone (blockcrypt.xts.XtsCipher.encrypt_into / decrypt_into, one
+plus the cipher alone (blockcrypt.crypto.xts.XtsCipher.encrypt_into / decrypt_into, one
 thread, requests of 4 KiB to 32 MiB, both sector sizes) next to
 `openssl speed -evp aes-256-xts`.
 
@@ -205,16 +205,8 @@ class Running:
     log: Path
 
 
-def plugin_env() -> dict[str, str]:
-    """nbdkit embeds /usr/bin/python3: point it at the repo and the venv's packages."""
-    paths = [str(REPO)] + sorted(str(p) for p in REPO.glob(".venv/lib/python3*/site-packages"))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
-
-
 def cli_env() -> dict[str, str]:
-    env = plugin_env()
+    env = dict(os.environ)
     # Only shortens Argon2id at init / unlock; the data path does not use the KDF.
     env["BLOCKCRYPT_TESTONLY_WEAK_KDF"] = "1"
     return env
@@ -456,8 +448,8 @@ def make_source(path: Path, size_bytes: int) -> None:
 
 def cipher_bench(reps: int, min_time_s: float) -> dict:
     """MB/s of XtsCipher.encrypt_into / decrypt_into (in place, one thread)."""
-    from blockcrypt.secret import Secret
-    from blockcrypt.xts import XtsCipher
+    from blockcrypt.crypto.secret import Secret
+    from blockcrypt.crypto.xts import XtsCipher
 
     buf = bytearray(os.urandom(max(CIPHER_REQUEST_BYTES)))
     results: dict = {}

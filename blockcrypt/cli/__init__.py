@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from .. import errors
-from ..home import Home
-from ..secret import Secret, disable_core_dumps
+from ..crypto.secret import Secret, disable_core_dumps
+from ..storage.home import Home
 
 PASSPHRASE_ENV = "BLOCKCRYPT_PASSPHRASE_FILE"
 

@@ -26,10 +26,10 @@ def human_size(size_bytes: int) -> str:
 @contextlib.contextmanager
 def _service(app: App):
     """The disk service on this home's key store (closed, KEK wiped, on exit)."""
-    from ..disks import DiskService
+    from ..services.disks import DiskService
     from .store import open_store
     with open_store(app) as store:
-        yield DiskService(app.home, store)
+        yield DiskService(app.home, store.conn, store)
 
 
 def _print_disk(d: dict) -> None:
@@ -93,9 +93,9 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
     names.validate_name(name)
     if snapshot is not None:
         size_bytes = names.parse_size(size_text) if size_text is not None else None
-        from ..snapshots import LifecycleService
+        from ..services.snapshots import LifecycleService
         with _service(app) as svc:
-            d = LifecycleService(app.home, svc.store, disks=svc).create_disk_from_snapshot(
+            d = LifecycleService(app.home, svc.conn, svc.keys, disks=svc).create_disk_from_snapshot(
                 name, snapshot, size_bytes=size_bytes, encrypted=encrypted, key_ref=key_ref,
                 sector_size=int(sector_size) if sector_size else None, discard=discard)
         app.emit(d, f"created disk {name} from snapshot {snapshot}: "
@@ -125,9 +125,9 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
 @pass_app
 def reset_cmd(app: App, name, snapshot):
     """Restore a detached disk to a snapshot of the same disk (ResetDisk)."""
-    from ..snapshots import LifecycleService
+    from ..services.snapshots import LifecycleService
     with _service(app) as svc:
-        d = LifecycleService(app.home, svc.store, disks=svc).reset_disk(name, snapshot)
+        d = LifecycleService(app.home, svc.conn, svc.keys, disks=svc).reset_disk(name, snapshot)
     app.emit(d, f"disk {name} reset to snapshot {snapshot}")
 
 
@@ -138,9 +138,9 @@ def reset_cmd(app: App, name, snapshot):
 def reinit_cmd(app: App, name):
     """Return a detached disk to its initial state (blank, or the snapshot it was
     created from), keeping its key (ReInitDisk)."""
-    from ..snapshots import LifecycleService
+    from ..services.snapshots import LifecycleService
     with _service(app) as svc:
-        d = LifecycleService(app.home, svc.store, disks=svc).reinit_disk(name)
+        d = LifecycleService(app.home, svc.conn, svc.keys, disks=svc).reinit_disk(name)
     app.emit(d, f"disk {name} re-initialised")
 
 

@@ -7,10 +7,16 @@ from pathlib import Path
 import click
 
 from .. import errors
-from ..home import ensure_private_dir, private_umask
 from ..kms import byok
-from ..kms.store import (ORIGINS, PENDING_DAYS_DEFAULT, PENDING_DAYS_MAX, PENDING_DAYS_MIN,
-                         ROTATION_DAYS_MAX, ROTATION_DAYS_MIN)
+from ..kms.store import (
+    ORIGINS,
+    PENDING_DAYS_DEFAULT,
+    PENDING_DAYS_MAX,
+    PENDING_DAYS_MIN,
+    ROTATION_DAYS_MAX,
+    ROTATION_DAYS_MIN,
+)
+from ..storage.home import ensure_private_dir, private_umask
 from . import App, cli, json_option, pass_app
 from .store import format_table, open_store
 

@@ -1,6 +1,7 @@
 """`blockcrypt snapshot ...`: create, list, show, delete, export."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -10,12 +11,14 @@ from .disks import human_size
 from .store import format_fields, format_table
 
 
+@contextlib.contextmanager
 def lifecycle(app: App):
-    """The LifecycleService of this home (the key store opens lazily: a passphrase
-    is asked for only when a data key must be re-wrapped)."""
-    from ..snapshots import LifecycleService
+    """The LifecycleService of this home, its key store closed (KEK wiped) on exit.
+    The passphrase is asked for only when a data key must be re-wrapped."""
+    from ..services.snapshots import LifecycleService
     from .store import open_store
-    return LifecycleService(app.home, open_store(app))
+    with open_store(app) as store:
+        yield LifecycleService(app.home, store.conn, store)
 
 
 def _print_snapshot(s: dict) -> None:
@@ -60,7 +63,8 @@ def create_cmd(app: App, disk, name):
     While attached, I/O is paused for the copy (crash-consistent: a mounted
     file system keeps working and recovers on the copy as after a power cut).
     """
-    s = lifecycle(app).create_snapshot(disk, name)
+    with lifecycle(app) as life:
+        s = life.create_snapshot(disk, name)
     how = "I/O paused for the copy" if s["quiesced"] else "disk not in use"
     app.emit(s, f"created snapshot {name} of disk {disk} ({s['copy_method']} copy, {how}; "
                 f"{human_size(s['allocated_bytes'])} allocated)")
@@ -72,7 +76,8 @@ def create_cmd(app: App, disk, name):
 @pass_app
 def list_cmd(app: App, disk):
     """List snapshots."""
-    app.emit(lifecycle(app).list_snapshots(disk), _print_list)
+    with lifecycle(app) as life:
+        app.emit(life.list_snapshots(disk), _print_list)
 
 
 @snapshot_group.command("show")
@@ -81,7 +86,8 @@ def list_cmd(app: App, disk):
 @pass_app
 def show_cmd(app: App, name):
     """Show one snapshot."""
-    app.emit(lifecycle(app).show_snapshot(name), _print_snapshot)
+    with lifecycle(app) as life:
+        app.emit(life.show_snapshot(name), _print_snapshot)
 
 
 @snapshot_group.command("delete")
@@ -90,7 +96,8 @@ def show_cmd(app: App, name):
 @pass_app
 def delete_cmd(app: App, name):
     """Delete a snapshot (disks created from it are independent and unaffected)."""
-    app.emit(lifecycle(app).delete_snapshot(name), f"deleted snapshot {name}")
+    with lifecycle(app) as life:
+        app.emit(life.delete_snapshot(name), f"deleted snapshot {name}")
 
 
 @snapshot_group.command("export")
@@ -104,5 +111,6 @@ def export_cmd(app: App, name, file):
     Encrypted snapshots cannot be exported; create a disk from one and copy
     its files with `blockcrypt disk copy` instead.
     """
-    r = lifecycle(app).export_snapshot(name, file)
+    with lifecycle(app) as life:
+        r = life.export_snapshot(name, file)
     app.emit(r, f"exported snapshot {name} to {file} ({human_size(r['size_bytes'])} raw image)")

@@ -7,8 +7,8 @@ import sys
 import click
 
 from .. import errors
+from ..crypto.secret import Secret
 from ..kms.store import KeyStore
-from ..secret import Secret
 from . import App, cli, json_option, pass_app, read_passphrase_file
 
 

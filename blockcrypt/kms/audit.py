@@ -31,7 +31,7 @@ import os
 import sqlite3
 import sys
 
-from ..db import register_schema
+from ..storage.db import register_schema
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_log (

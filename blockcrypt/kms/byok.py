@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .. import errors
-from ..secret import Secret
+from ..crypto.secret import Secret
 from .envelope import CMK_BYTES
 
 WRAPPING_ALGORITHM = "RSAES_OAEP_SHA_256"

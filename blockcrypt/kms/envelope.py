@@ -39,12 +39,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .. import errors
-from ..secret import Secret
+from ..constants import DK_BYTES
+from ..crypto.secret import Secret
 
 MAGIC = b"BCWK"
 FORMAT_VERSION = 1
 ALG_AES256GCM_DK64 = 1
-DK_BYTES = 64             # AES-256-XTS key: two 32-byte halves
 CMK_BYTES = 32            # AES-256-GCM key per CMK version
 NONCE_BYTES = 12
 TAG_BYTES = 16

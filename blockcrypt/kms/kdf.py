@@ -5,7 +5,7 @@ keys) is sealed with AES-256-GCM under the KEK, with associated data naming what
 the ciphertext is (store id, key id, version), so a sealed value copied to another
 row fails authentication instead of decrypting as the wrong key.
 
-The KEK exists only in memory (a :class:`~blockcrypt.secret.Secret`).  The
+The KEK exists only in memory (a :class:`~blockcrypt.crypto.secret.Secret`).  The
 Argon2id parameters and salt are stored beside the ciphertexts (table
 ``kms_store``) so a store stays readable when the defaults change, and a
 passphrase change re-derives with the current defaults.
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from .. import errors
-from ..secret import Secret
+from ..crypto.secret import Secret
 
 WEAK_KDF_ENV = "BLOCKCRYPT_TESTONLY_WEAK_KDF"
 

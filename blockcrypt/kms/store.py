@@ -4,7 +4,7 @@ Model (as in a cloud KMS): a CMK has one or more *versions*, each 32 random byte
 of AES-256-GCM material.  Material never leaves this module in plaintext: it is
 stored sealed under the KEK (:mod:`.kdf`, Argon2id over the store passphrase) and
 used only to wrap and unwrap data keys (:mod:`.envelope`).  Callers get data keys
-(:class:`~blockcrypt.secret.Secret`) and wrapped blobs, never CMK material.
+(:class:`~blockcrypt.crypto.secret.Secret`) and wrapped blobs, never CMK material.
 
 States::
 
@@ -40,11 +40,13 @@ from typing import Callable
 
 from cryptography.exceptions import InvalidTag
 
-from .. import catalog, db, errors  # catalog: registers its tables (dependants)
-from ..crashpoints import crashpoint
-from ..db import register_schema, write_txn
-from ..home import Home
-from ..secret import Secret
+from .. import errors  # catalog: registers its tables (dependants)
+from ..constants import utc_timestamp
+from ..crypto.secret import Secret
+from ..storage import catalog, db
+from ..storage.db import register_schema, write_txn
+from ..storage.home import Home
+from ..testing.crashpoints import crashpoint
 from . import audit, byok, envelope, kdf
 
 ENABLED, DISABLED = "Enabled", "Disabled"
@@ -110,7 +112,7 @@ def _utc_now() -> datetime:
 
 
 def _iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_timestamp(t)
 
 
 def _iso_us(t: datetime) -> str:

@@ -1,0 +1,514 @@
+"""Snapshots, disks from snapshots, reset and re-initialise: a disk's lifecycle.
+
+The rules (the cloud disk-encryption model blockcrypt follows):
+
+- A snapshot holds the disk's data exactly as stored (ciphertext for an
+  encrypted disk) and the same data key (DK).  Snapshots, and disks created
+  from them, never decrypt or re-encrypt data: they are thin file copies
+  (:mod:`blockcrypt.storage.fastcopy`) whose header gets a new uid and the DK
+  re-wrapped for the new container's key context
+  (``KeyStore.reencrypt_data_key(wrapped, key_context(old), key_context(new))``:
+  the context binds uid and size, so the same DK has a different wrapped form
+  in every container).  The CMK never changes, and neither does the
+  encryption: an unencrypted disk never becomes encrypted in place, nor the
+  reverse (:class:`~blockcrypt.errors.ConversionRefused`,
+  :class:`~blockcrypt.errors.CmkChangeRefused`).  Files move between the two
+  kinds only with ``blockcrypt disk copy``.
+- Lineage.  Encrypted containers carry a lineage id in their header (random,
+  born with the DK, inherited by every snapshot and disk that shares the DK;
+  docs/FORMAT.md F-18).  Unencrypted containers have no key and no header
+  lineage; their lineage is the id of the disk the data descends from: the
+  catalog stores NULL for a disk created blank (meaning "its own id"), and
+  that disk's id in its snapshots and in disks created from them
+  (:func:`disk_lineage`).  ``disk reset`` accepts only a snapshot of the
+  disk's own lineage (:class:`~blockcrypt.errors.LineageMismatch`).
+- Snapshot while attached: I/O is paused through nbdkit's pause filter
+  (:mod:`blockcrypt.system.quiesce`), which answers only once every in-flight request
+  has completed; every acknowledged write is then in the container file, the
+  copy is taken, and I/O resumes.  The image is crash-consistent: a mounted
+  journalling file system on it recovers as after a power cut, and everything
+  the writer had fsynced is in it.  A detached disk is copied under a shared
+  ``flock`` of its container, so a concurrent attach fails instead of writing
+  into the copy.
+- Export: only an unencrypted snapshot can be exported, as a raw (sparse)
+  image of its data area; exporting an encrypted one is refused
+  (:class:`~blockcrypt.errors.ExportRefused`).
+
+Crash safety (same scheme as disk create/delete in :mod:`blockcrypt.services.disks`):
+a new container is written as ``<id>.bcd.tmp-<pid>-<start>`` (copied,
+header rewritten, fsynced), then its catalog row is committed, then it is
+renamed to ``<id>.bcd``.  Delete renames the file to ``<id>.bcd.deleted`` and
+deletes the row in one transaction, then unlinks.  Every snapshot command
+first finishes or undoes what a killed process left (:meth:`recover_files`):
+a temp file whose creator is gone is renamed if its row committed and removed
+otherwise.  Reset and re-initialise replace an existing disk's file: the new
+file is built under the temp name and renamed over the old one inside a
+write transaction that checks the disk is not attached, so a concurrent
+attach either comes first (and the reset is refused) or serves the new file.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from .. import errors, names
+from ..constants import utc_timestamp
+from ..kms.envelope import parse_wrapped
+from ..storage import catalog, container, db, fastcopy
+from ..storage.container import Header, Kind
+from ..storage.home import fsync_dir, private_umask
+from ..system import proc, quiesce
+from ..testing.crashpoints import crashpoint
+from .disks import _TMP_MARK, DiskService, check_header_matches, doom, publish, recover_dir
+
+# How long a command waits for a concurrent one to settle: an attach in progress
+# (it holds the container before its row says 'attached'), or a snapshot create
+# that committed its row but has not yet renamed its file into place.
+SETTLE_TIMEOUT_S = 30.0
+
+
+
+def disk_lineage(disk: sqlite3.Row) -> str:
+    """A disk's lineage id (hex): the header's for encrypted disks; for
+    unencrypted ones the id of the disk its data descends from."""
+    return disk["lineage_id"] or disk["id"]
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes allocated to the file (st_blocks): holes are not counted; extents
+    shared by reflink count in every file that shares them."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def get_snapshot(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
+    names.validate_name(name, "snapshot")
+    row = conn.execute("SELECT * FROM snapshots WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise errors.SnapshotNotFound(name=name)
+    return row
+
+
+def _insert_snapshot(conn: sqlite3.Connection, **row) -> None:
+    cols = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    conn.execute(f"INSERT INTO snapshots ({cols}) VALUES ({marks})", tuple(row.values()))
+
+
+class LifecycleService:
+    """Snapshots and the disk operations built on them, for one home.
+
+    ``conn`` is the catalog's connection and ``keys`` the
+    :class:`~blockcrypt.kms.provider.KeyProvider` for data keys.  ``disks`` is the :class:`blockcrypt.services.disks.DiskService` of
+    the same home (stale attachments, crash recovery of disk files).
+    """
+
+    def __init__(self, home, conn: sqlite3.Connection, keys, disks: DiskService | None = None):
+        if disks is None:
+            disks = DiskService(home, conn, keys)
+        self.home = home
+        self.keys = keys
+        self.disks = disks
+        self.conn: sqlite3.Connection = conn
+        self._pid = os.getpid()
+        self._start = proc.process_start_time(self._pid)
+
+    # -- paths ------------------------------------------------------------------
+    def path_of(self, row: sqlite3.Row) -> Path:
+        return self.home.path / row["path"]
+
+    def _tmp_for(self, final: Path) -> Path:
+        return final.with_name(f"{final.name}{_TMP_MARK}{self._pid}-{self._start}")
+
+    # -- crash recovery -----------------------------------------------------------
+    def recover_files(self) -> list[str]:
+        """Finish or undo interrupted snapshot creates/deletes and disk resets.
+
+        Snapshots: a temp file whose creator is gone is renamed into place if
+        its row committed, else removed; a ``.deleted`` file is restored if its
+        row is still there, else unlinked.  Disk files (creates, deletes,
+        interrupted reset/reinit): :meth:`DiskService.recover_files`.
+        """
+        actions = self.disks.recover_files()
+        actions += recover_dir(self.conn, self.home.snapshots_dir, "snapshots")
+        return actions
+
+    # -- building containers ----------------------------------------------------
+    def _derive(self, tmp: Path, source: sqlite3.Row, *, kind: Kind, uid: bytes,
+                size_bytes: int | None = None) -> Header:
+        """Turn tmp, a copy of source's container (a disk or snapshot row), into a
+        container of its own: kind, new uid, size (growth only), and the same DK
+        re-wrapped for the new key context."""
+        old = container.read_header(tmp)
+        check_header_matches(old, source, self.path_of(source))
+        new = old.replace(kind=kind, uid=uid,
+                          size_bytes=old.size_bytes if size_bytes is None else size_bytes)
+        if new.size_bytes < old.size_bytes:
+            raise errors.InvalidSize(size=new.size_bytes,
+                                     reason=f"a disk only grows; the source has "
+                                            f"{old.size_bytes} bytes")
+        names.check_size(new.size_bytes, new.sector_size)
+        if new.size_bytes > old.size_bytes:
+            os.truncate(tmp, new.file_size_bytes)
+        if old.encrypted:
+            wrapped = self.keys.reencrypt_data_key(old.wrapped_dk, container.key_context(old),
+                                                    container.key_context(new))
+            new = new.replace(wrapped_dk=wrapped, cmk_version=parse_wrapped(wrapped).key_version)
+        crashpoint("lifecycle.after-rewrap")
+        return container.write_header(tmp, new)
+
+    def _copy_disk(self, disk: sqlite3.Row, dst: Path) -> tuple[str, bool]:
+        """Copy a disk's container to dst, consistently; returns (method, quiesced).
+
+        Detached (or attached read-only): under a shared flock, which a
+        read-write server cannot take meanwhile.  Attached read-write: with
+        I/O paused through the pause filter's control socket.
+        """
+        src = self.path_of(disk)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
+            try:
+                fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
+                    raise errors.DiskNotFound(name=disk["name"]) from None   # deleted
+                raise errors.StorageError(path=str(src), reason=f"the container of disk "
+                                          f"{disk['name']!r} is missing") from None
+            try:   # copy from this descriptor: the very file that was locked
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    locked = True
+                except BlockingIOError:
+                    locked = False             # a read-write server holds it
+                att = catalog.get_attachment(self.conn, disk["id"])
+                if locked and (att is None or att["state"] == "attached"):
+                    # detached, or attached read-only: nothing writes meanwhile
+                    return fastcopy.copy_to_new(fd, dst), False
+                # (an attach that has claimed the disk gets the file first: back off)
+                if not locked and att is not None and att["state"] == "attached" \
+                        and att["control_socket"]:
+                    with quiesce.paused(att["control_socket"]):
+                        crashpoint("snapshot.paused")
+                        return fastcopy.copy_to_new(fd, dst), True
+            finally:
+                os.close(fd)
+            if time.monotonic() > deadline:
+                raise errors.StateError(detail=f"disk {disk['name']!r} is in use but not "
+                                        "attached through blockcrypt (or still being "
+                                        "attached); retry when `blockcrypt disk show "
+                                        f"{disk['name']}` says attached")
+            time.sleep(0.2)
+
+    def _copy_snapshot(self, snap: sqlite3.Row, dst: Path) -> str:
+        """Copy a snapshot's container (immutable: no lock needed) to dst."""
+        path = self.path_of(snap)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
+            try:
+                return fastcopy.copy_to_new(path, dst)
+            except errors.NotFound:
+                if self._snapshot_row(snap["name"]) is None:
+                    raise errors.SnapshotNotFound(name=snap["name"]) from None  # deleted
+                # committed, and its creator is about to rename it into place
+                if not list(path.parent.glob(path.name + _TMP_MARK + "*")) \
+                        or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
+
+    # -- snapshots ----------------------------------------------------------------
+    def create_snapshot(self, disk_name: str, snap_name: str) -> dict:
+        """Snapshot a disk, attached or not (see the module doc)."""
+        names.validate_name(disk_name)
+        names.validate_name(snap_name, "snapshot")
+        self.recover_files()
+        disk = self.disks.disk_row(disk_name)
+        self.disks.cleanup_stale(disk["id"])
+        if self._snapshot_row(snap_name) is not None:
+            raise errors.AlreadyExists(what="snapshot", name=snap_name)
+        self.home.create_dirs()
+
+        uid = os.urandom(container.ID_BYTES)
+        rel_path = f"snapshots/{uid.hex()}.bcd"
+        final = self.home.path / rel_path
+        tmp = self._tmp_for(final)
+        try:
+            method, quiesced = self._copy_disk(disk, tmp)
+            crashpoint("snapshot.after-copy")
+            header = self._derive(tmp, disk, kind=Kind.SNAPSHOT, uid=uid)
+            crashpoint("snapshot.before-commit")
+            with db.write_txn(self.conn):
+                if self._snapshot_row(snap_name) is not None:
+                    raise errors.AlreadyExists(what="snapshot", name=snap_name)
+                _insert_snapshot(
+                    self.conn, id=header.uid_hex, name=snap_name, disk_id=disk["id"],
+                    disk_name=disk["name"], path=rel_path, size_bytes=header.size_bytes,
+                    sector_size=header.sector_size, encrypted=int(header.encrypted),
+                    cmk_id=header.cmk_id, lineage_id=disk_lineage(disk), created_at=utc_timestamp())
+                row = self._snapshot_row(snap_name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        crashpoint("snapshot.after-commit")
+        publish(tmp, final)
+        out = self._describe_snapshot(row)      # as created (a delete may already follow)
+        out.update(copy_method=method, quiesced=quiesced)
+        return out
+
+    def _snapshot_row(self, name: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM snapshots WHERE name = ?", (name,)).fetchone()
+
+    def _describe_snapshot(self, row: sqlite3.Row) -> dict:
+        path = self.path_of(row)
+        return {
+            "name": row["name"], "id": row["id"], "disk_name": row["disk_name"],
+            "disk_id": row["disk_id"],
+            "disk_exists": catalog.get_disk_by_id(self.conn, row["disk_id"]) is not None,
+            "path": str(path), "size_bytes": row["size_bytes"],
+            "sector_size": row["sector_size"], "encrypted": bool(row["encrypted"]),
+            "cmk_id": row["cmk_id"], "lineage_id": row["lineage_id"],
+            "allocated_bytes": allocated_bytes(path), "created_at": row["created_at"],
+        }
+
+    def list_snapshots(self, disk_name: str | None = None) -> list[dict]:
+        self.recover_files()
+        if disk_name is not None:
+            names.validate_name(disk_name)
+            rows = self.conn.execute("SELECT * FROM snapshots WHERE disk_name = ? "
+                                     "ORDER BY created_at, name", (disk_name,)).fetchall()
+        else:
+            rows = self.conn.execute("SELECT * FROM snapshots "
+                                     "ORDER BY created_at, name").fetchall()
+        return [self._describe_snapshot(r) for r in rows]
+
+    def show_snapshot(self, name: str) -> dict:
+        return self._describe_snapshot(get_snapshot(self.conn, name))
+
+    def delete_snapshot(self, name: str) -> dict:
+        """Delete a snapshot.  Disks created from it are independent copies and
+        are not affected (only `disk reinit` of such a disk needs it)."""
+        self.recover_files()
+        with db.write_txn(self.conn):
+            row = get_snapshot(self.conn, name)
+            path = self.path_of(row)
+            doomed = doom(path)
+            self.conn.execute("DELETE FROM snapshots WHERE id = ?", (row["id"],))
+        crashpoint("snapshot-delete.after-commit")
+        doomed.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        return {"name": row["name"], "id": row["id"], "deleted": True}
+
+    def export_snapshot(self, name: str, dest: Path) -> dict:
+        """Write an unencrypted snapshot's data area to dest as a raw sparse image.
+
+        Encrypted snapshots are never exported (ExportRefused): their data is
+        only ever served through blockcrypt under the key store's control.
+        """
+        row = get_snapshot(self.conn, name)
+        if row["encrypted"]:
+            raise errors.ExportRefused(name=name)
+        src = self.path_of(row)
+        header = container.read_header(src, repair=False)
+        if header.encrypted:   # the catalog and the header disagree: trust the stricter
+            raise errors.ExportRefused(name=name)
+        dest = Path(dest)
+        if dest.exists() or dest.is_symlink():
+            raise errors.AlreadyExists(what="file", name=str(dest))
+        method = fastcopy.copy_file(src, dest, src_offset=header.data_offset,
+                                    length=header.size_bytes)
+        return {"name": name, "file": str(dest), "size_bytes": header.size_bytes,
+                "allocated_bytes": allocated_bytes(dest), "copy_method": method}
+
+    # -- disks from snapshots ------------------------------------------------------
+    def create_disk_from_snapshot(self, name: str, snap_name: str, *,
+                                  size_bytes: int | None = None, encrypted: bool | None = None,
+                                  key_ref: str | None = None, sector_size: int | None = None,
+                                  discard: bool = False) -> dict:
+        """A new disk with a snapshot's contents, encryption, CMK, sector size and DK.
+
+        encrypted / key_ref / sector_size may only confirm the snapshot's
+        (ConversionRefused, CmkChangeRefused, InvalidInput otherwise);
+        size_bytes may only grow it.
+        """
+        names.validate_name(name)
+        snap = get_snapshot(self.conn, snap_name)
+        self._check_no_conversion(snap, encrypted, key_ref, f"disk {name!r}")
+        if sector_size is not None and sector_size != snap["sector_size"]:
+            raise errors.InvalidInput(detail=f"snapshot {snap_name!r} has {snap['sector_size']}"
+                                      f"-byte sectors and so has a disk created from it (the "
+                                      "sector size never changes); drop --sector-size, or "
+                                      "create a new disk and use `blockcrypt disk copy SRC DST`")
+        if size_bytes is not None:
+            names.check_size(size_bytes, snap["sector_size"])
+            # the container's own limit, before anything is copied or re-wrapped
+            container.new_header(Kind.DISK, size_bytes, snap["sector_size"], encrypted=False)
+            if size_bytes < snap["size_bytes"]:
+                raise errors.InvalidSize(size=size_bytes, reason=f"a disk created from "
+                                         f"snapshot {snap_name!r} needs at least its "
+                                         f"{snap['size_bytes']} bytes (growth only)")
+        self.recover_files()
+        if catalog.get_disk(self.conn, name) is not None:
+            raise errors.AlreadyExists(what="disk", name=name)
+        self.home.create_dirs()
+
+        uid = os.urandom(container.ID_BYTES)
+        rel_path = f"disks/{uid.hex()}.bcd"
+        final = self.home.path / rel_path
+        tmp = self._tmp_for(final)
+        try:
+            method = self._copy_snapshot(snap, tmp)
+            crashpoint("from-snapshot.after-copy")
+            header = self._derive(tmp, snap, kind=Kind.DISK, uid=uid, size_bytes=size_bytes)
+            crashpoint("from-snapshot.before-commit")
+            with db.write_txn(self.conn):
+                if catalog.get_disk(self.conn, name) is not None:
+                    raise errors.AlreadyExists(what="disk", name=name)
+                catalog.insert_disk(
+                    self.conn, id=header.uid_hex, name=name, path=rel_path,
+                    size_bytes=header.size_bytes, sector_size=header.sector_size,
+                    encrypted=int(header.encrypted), cmk_id=header.cmk_id,
+                    lineage_id=header.lineage_hex if header.encrypted else snap["lineage_id"],
+                    discard=int(discard), source_snapshot_id=snap["id"], created_at=utc_timestamp())
+                row = catalog.get_disk_by_id(self.conn, header.uid_hex)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        crashpoint("from-snapshot.after-commit")
+        publish(tmp, final)
+        out = self.disks.describe(row, None)    # as created (a delete may already follow)
+        out["copy_method"] = method
+        return out
+
+    def _check_no_conversion(self, snap: sqlite3.Row, encrypted: bool | None,
+                             key_ref: str | None, target: str) -> None:
+        snap_enc = bool(snap["encrypted"])
+        if encrypted is not None and encrypted != snap_enc:
+            if snap_enc:
+                detail = (f"snapshot {snap['name']!r} is encrypted, so {target} created from "
+                          "it is encrypted with the same key; --no-encrypted contradicts it")
+            else:
+                detail = (f"snapshot {snap['name']!r} is not encrypted, so {target} created "
+                          "from it is not encrypted; --encrypted contradicts it")
+            raise errors.ConversionRefused(detail=detail)
+        if key_ref is not None:
+            if not snap_enc:
+                raise errors.ConversionRefused(
+                    detail=f"snapshot {snap['name']!r} is not encrypted; --key would make "
+                           f"{target} encrypted")
+            key = self.keys.get_key(key_ref)
+            if key["id"] != snap["cmk_id"]:
+                raise errors.CmkChangeRefused(
+                    detail=f"snapshot {snap['name']!r} is under key {snap['cmk_id']}, and "
+                           f"{target} inherits it; --key {key_ref} names another key")
+
+    # -- reset and re-initialise ---------------------------------------------------
+    def reset_disk(self, name: str, snap_name: str) -> dict:
+        """Restore a detached disk to a snapshot of its own lineage (ResetDisk).
+
+        The disk keeps its id, name, size and key; its contents become the
+        snapshot's.  The snapshot must not be larger than the disk.
+        """
+        disk = self.disks.disk_row(name)
+        snap = get_snapshot(self.conn, snap_name)
+        if snap["lineage_id"] != disk_lineage(disk) or bool(snap["encrypted"]) != \
+                bool(disk["encrypted"]):
+            raise _lineage_mismatch(snap_name, name)
+        if snap["cmk_id"] != disk["cmk_id"]:   # a lineage shares one CMK; never mix
+            raise errors.CmkChangeRefused(detail=f"snapshot {snap_name!r} is under key "
+                                          f"{snap['cmk_id']}, disk {name!r} under "
+                                          f"{disk['cmk_id']}")
+        return self._replace_from_snapshot(disk, snap, "reset")
+
+    def reinit_disk(self, name: str) -> dict:
+        """Return a detached disk to its initial state, keeping its key (ReInitDisk):
+        blank, or the snapshot it was created from."""
+        disk = self.disks.disk_row(name)
+        if disk["source_snapshot_id"]:
+            snap = self.conn.execute("SELECT * FROM snapshots WHERE id = ?",
+                                     (disk["source_snapshot_id"],)).fetchone()
+            if snap is None:
+                raise errors.SnapshotNotFound(
+                    f"disk {name!r} was created from snapshot {disk['source_snapshot_id']}, "
+                    "which has been deleted, so its initial state is gone; to start over, "
+                    f"create a new disk (`blockcrypt disk create`) and copy files with "
+                    "`blockcrypt disk copy SRC DST`", name=disk["source_snapshot_id"])
+            return self._replace_from_snapshot(disk, snap, "reinit")
+        return self._replace(disk, None, "reinit")
+
+    def _replace_from_snapshot(self, disk: sqlite3.Row, snap: sqlite3.Row, action: str) -> dict:
+        if snap["size_bytes"] > disk["size_bytes"]:
+            raise errors.InvalidSize(size=snap["size_bytes"], reason=f"snapshot "
+                                     f"{snap['name']!r} is larger than disk {disk['name']!r} "
+                                     f"({disk['size_bytes']} bytes); create a new disk from "
+                                     "it with `blockcrypt disk create NAME --from-snapshot "
+                                     f"{snap['name']}`")
+        return self._replace(disk, snap, action)
+
+    def _replace(self, disk: sqlite3.Row, snap: sqlite3.Row | None, action: str) -> dict:
+        """Build the disk's new container (a copy of snap, or blank) and swap it in."""
+        self.recover_files()
+        self.disks.cleanup_stale(disk["id"])
+        att = catalog.get_attachment(self.conn, disk["id"])
+        if att is not None:
+            raise self.disks.in_use_error(disk["name"], att)
+        path = self.path_of(disk)
+        tmp = self._tmp_for(path)
+        uid = bytes.fromhex(disk["id"])
+        try:
+            if snap is not None:
+                method = self._copy_snapshot(snap, tmp)
+                header = self._derive(tmp, snap, kind=Kind.DISK, uid=uid,
+                                      size_bytes=disk["size_bytes"])
+            else:
+                method = "blank"
+                current = container.read_header(path, repair=False)
+                check_header_matches(current, disk, path)
+                with private_umask():
+                    header = container.create_container(tmp, current.replace(seq=0))
+            if header.encrypted and header.lineage_hex != disk["lineage_id"]:
+                raise _lineage_mismatch(snap["name"] if snap else "(blank)", disk["name"])
+            crashpoint(f"{action}.before-swap")
+            with db.write_txn(self.conn):
+                if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
+                    raise errors.DiskNotFound(name=disk["name"])     # deleted meanwhile
+                att = catalog.get_attachment(self.conn, disk["id"])
+                if att is not None:
+                    raise self.disks.in_use_error(disk["name"], att)
+                _check_unlocked(path, disk["name"])
+                os.rename(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        out = self.disks.show(disk["name"])
+        out.update(action=action, from_snapshot=snap["name"] if snap else None,
+                   copy_method=method)
+        return out
+
+
+def _lineage_mismatch(snapshot: str, disk: str) -> errors.LineageMismatch:
+    return errors.LineageMismatch(
+        f"refused: snapshot {snapshot!r} does not belong to disk {disk!r} (different data "
+        f"key lineage); create a new disk from it with `blockcrypt disk create NAME "
+        f"--from-snapshot {snapshot}`, and to move files into {disk!r} use `blockcrypt disk "
+        f"copy NAME {disk}`", snapshot=snapshot, disk=disk)
+
+
+def _check_unlocked(path: Path, name: str) -> None:
+    """Refuse if any server holds the container (belt and braces for the catalog check)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise errors.DiskAttached(f"disk {name!r} is in use by a server that blockcrypt did "
+                                  "not record; stop it first", name=name,
+                                  device="(unknown)") from None
+    finally:
+        os.close(fd)

@@ -1,0 +1,146 @@
+"""The disk catalog: disks, snapshots and attachments, in the shared SQLite database.
+
+The container file header is the source of truth for a disk's geometry and its
+wrapped data key; the catalog indexes containers by name and records state
+(attachments) and the CMK each container depends on, which the key store
+queries before it disables or deletes a key (:func:`key_dependants`).
+
+Paths of containers are stored relative to the blockcrypt home
+(``disks/<id>.bcd``), so a home can be moved as a whole.
+
+An attachment row exists while a disk is in use by an nbdkit server (``disk
+attach`` or ``disk serve``).  Its ``state`` moves ``attaching`` -> ``attached``
+-> ``detaching`` -> (row deleted); ``owner_pid`` is the CLI process changing it
+(or, for ``serve``, running the server).  A row whose processes are gone is
+stale and is cleaned by the next disk command (see blockcrypt.services.disks).
+"""
+from __future__ import annotations
+
+import sqlite3
+
+from .db import register_schema
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS disks (
+    id              TEXT PRIMARY KEY,          -- container uid, hex
+    name            TEXT NOT NULL UNIQUE,
+    path            TEXT NOT NULL,             -- relative to the home: disks/<id>.bcd
+    size_bytes      INTEGER NOT NULL,
+    sector_size     INTEGER NOT NULL,
+    encrypted       INTEGER NOT NULL,
+    cmk_id          TEXT,                      -- NULL for unencrypted disks
+    lineage_id      TEXT,
+    discard         INTEGER NOT NULL DEFAULT 0,
+    source_snapshot_id TEXT,                   -- snapshot it was created from, if any
+    created_at      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id              TEXT PRIMARY KEY,
+    name            TEXT NOT NULL UNIQUE,
+    disk_id         TEXT,                      -- source disk (may since be deleted)
+    disk_name       TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    size_bytes      INTEGER NOT NULL,
+    sector_size     INTEGER NOT NULL,
+    encrypted       INTEGER NOT NULL,
+    cmk_id          TEXT,
+    lineage_id      TEXT,
+    created_at      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attachments (
+    disk_id         TEXT PRIMARY KEY REFERENCES disks(id),
+    state           TEXT NOT NULL,             -- 'attaching' | 'attached' | 'detaching'
+    owner_pid       INTEGER,                   -- CLI process changing the row / running serve
+    owner_start     INTEGER,                   -- its start time (ticks since boot): pid reuse guard
+    device          TEXT,                      -- /dev/nbdN or /dev/loopN (NULL for serve)
+    method          TEXT NOT NULL,             -- 'nbd-client' | 'nbdfuse-loop' | 'serve'
+    read_only       INTEGER NOT NULL,
+    nbdkit_pid      INTEGER,
+    helper_pid      INTEGER,                   -- nbdfuse pid, if any
+    run_dir         TEXT NOT NULL,
+    socket          TEXT,                      -- NBD socket (unix path) or tcp HOST:PORT
+    control_socket  TEXT,                      -- nbdkit pause filter control socket
+    attached_at     TEXT NOT NULL
+)
+"""
+register_schema("catalog", SCHEMA)
+
+DISK_COLUMNS = ("id", "name", "path", "size_bytes", "sector_size", "encrypted", "cmk_id",
+                "lineage_id", "discard", "source_snapshot_id", "created_at")
+ATTACHMENT_COLUMNS = ("disk_id", "state", "owner_pid", "owner_start", "device", "method",
+                      "read_only", "nbdkit_pid", "helper_pid", "run_dir", "socket",
+                      "control_socket", "attached_at")
+
+
+def key_dependants(conn: sqlite3.Connection, key_id: str) -> list[str]:
+    """Disks and snapshots whose data key is wrapped by key_id, as 'disk NAME' / 'snapshot NAME'."""
+    rows = conn.execute(
+        "SELECT 'disk ' || name AS d FROM disks WHERE cmk_id = ? "
+        "UNION ALL SELECT 'snapshot ' || name FROM snapshots WHERE cmk_id = ? ORDER BY 1",
+        (key_id, key_id)).fetchall()
+    return [r[0] for r in rows]
+
+
+# -- disks ----------------------------------------------------------------------
+
+def get_disk(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM disks WHERE name = ?", (name,)).fetchone()
+
+
+def get_disk_by_id(conn: sqlite3.Connection, disk_id: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM disks WHERE id = ?", (disk_id,)).fetchone()
+
+
+def list_disks(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM disks ORDER BY name").fetchall()
+
+
+def insert_disk(conn: sqlite3.Connection, **row) -> None:
+    """Insert a disk row (call inside db.write_txn); keys are DISK_COLUMNS."""
+    unknown = set(row) - set(DISK_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown disk columns {sorted(unknown)}")
+    cols = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    conn.execute(f"INSERT INTO disks ({cols}) VALUES ({marks})", tuple(row.values()))
+
+
+def delete_disk(conn: sqlite3.Connection, disk_id: str) -> None:
+    conn.execute("DELETE FROM disks WHERE id = ?", (disk_id,))
+
+
+# -- attachments --------------------------------------------------------------
+
+def get_attachment(conn: sqlite3.Connection, disk_id: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM attachments WHERE disk_id = ?", (disk_id,)).fetchone()
+
+
+def list_attachments(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM attachments").fetchall()
+
+
+def insert_attachment(conn: sqlite3.Connection, **row) -> None:
+    """Insert an attachment row (inside db.write_txn); keys are ATTACHMENT_COLUMNS.
+
+    The PRIMARY KEY on disk_id makes a second claim on the same disk fail with
+    sqlite3.IntegrityError: at most one attachment per disk, whatever races.
+    """
+    unknown = set(row) - set(ATTACHMENT_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown attachment columns {sorted(unknown)}")
+    cols = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    conn.execute(f"INSERT INTO attachments ({cols}) VALUES ({marks})", tuple(row.values()))
+
+
+def update_attachment(conn: sqlite3.Connection, disk_id: str, **changes) -> None:
+    unknown = set(changes) - set(ATTACHMENT_COLUMNS)
+    if unknown or not changes:
+        raise ValueError(f"bad attachment columns {sorted(unknown) or '(none)'}")
+    sets = ", ".join(f"{c} = ?" for c in changes)
+    conn.execute(f"UPDATE attachments SET {sets} WHERE disk_id = ?",
+                 (*changes.values(), disk_id))
+
+
+def delete_attachment(conn: sqlite3.Connection, disk_id: str) -> None:
+    conn.execute("DELETE FROM attachments WHERE disk_id = ?", (disk_id,))

@@ -1,0 +1,105 @@
+"""Where blockcrypt keeps its state, and how files there are created.
+
+Layout under the home directory (every directory 0700, every file 0600):
+
+    blockcrypt.db          SQLite: key store, audit trail, disk catalog
+    disks/<id>.bcd         one container file per disk
+    snapshots/<id>.bcd     one container file per snapshot
+    run/<disk-name>/       runtime state of an attached/served disk
+                           (nbdkit socket, pid file, log, fuse mount point)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+DEFAULT_ROOT_HOME = Path("/var/lib/blockcrypt")
+DB_NAME = "blockcrypt.db"
+
+
+def default_home() -> Path:
+    env = os.environ.get("BLOCKCRYPT_HOME")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return DEFAULT_ROOT_HOME
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "blockcrypt"
+
+
+@contextlib.contextmanager
+def private_umask():
+    """Files and directories created inside are 0600 / 0700."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create path (and parents) as 0700; tighten an existing one to 0700."""
+    with private_umask():
+        path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def create_private_file(path, what: str = "file") -> int:
+    """Create path exclusively as a 0600 file (never following a symlink); return its fd.
+
+    AlreadyExists if it exists; NoSpace / StorageError for other failures.
+    """
+    from .. import errors
+    try:
+        with private_umask():
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise errors.AlreadyExists(what=what, name=os.fspath(path)) from None
+    except OSError as exc:
+        raise errors.storage_error(path, exc, what) from None
+
+
+def fsync_dir(directory: os.PathLike | str) -> None:
+    """fsync a directory, so that a rename or a new entry in it is durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Home:
+    """The blockcrypt home directory and the paths inside it."""
+
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path is not None else default_home()
+
+    def __repr__(self) -> str:
+        return f"Home({str(self.path)!r})"
+
+    @property
+    def db_path(self) -> Path:
+        return self.path / DB_NAME
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.path / "disks"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.path / "snapshots"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path / "run"
+
+    def exists(self) -> bool:
+        return self.db_path.exists()
+
+    def create_dirs(self) -> None:
+        for d in (self.path, self.disks_dir, self.snapshots_dir, self.run_dir):
+            ensure_private_dir(d)

@@ -1,0 +1,32 @@
+"""Run the blockcrypt CLI as a user would: a subprocess, no terminal."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_PY = REPO / ".venv" / "bin" / "python"
+
+
+def run_cli(*args, home: Path | None = None, passphrase_file: Path | None = None,
+            check: bool = True, input: bytes | None = None, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m blockcrypt` in a subprocess, as a user would."""
+    argv = [sys.executable, "-m", "blockcrypt"]
+    if home is not None:
+        argv += ["--home", str(home)]
+    if passphrase_file is not None:
+        argv += ["--passphrase-file", str(passphrase_file)]
+    argv += [str(a) for a in args]
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    # No terminal on stdin unless input is given: a command must never hang on a prompt.
+    stdin = None if input is not None else subprocess.DEVNULL
+    cp = subprocess.run(argv, capture_output=True, input=input, stdin=stdin, env=full_env,
+                        timeout=timeout, cwd=REPO)
+    if check and cp.returncode != 0:
+        raise AssertionError(f"{argv} exited {cp.returncode}\nstdout: {cp.stdout.decode()}"
+                             f"\nstderr: {cp.stderr.decode()}")
+    return cp

@@ -1,0 +1,162 @@
+"""An initialised blockcrypt home for root end-to-end tests, with helpers to
+attach, mount and inspect; :meth:`Env.cleanup` tears down every attachment.
+The ``env`` fixture (tests/conftest.py) wraps it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+from blockcrypt import errors
+from blockcrypt.cli import read_passphrase_file
+from blockcrypt.kms.store import KeyStore
+from blockcrypt.storage import container
+from blockcrypt.storage.home import Home
+from blockcrypt.system import proc
+
+from .cli import run_cli
+
+MiB = 2**20
+
+
+# -- helpers ------------------------------------------------------------------------
+
+class Env:
+    """An initialised home plus helpers; tears down every attachment at the end."""
+
+    def __init__(self, home: Path, passphrase_file: Path, tmp_path: Path):
+        self.home, self.passphrase_file, self.tmp = home, passphrase_file, tmp_path
+        self.mounts: list[Path] = []
+        self.cli("init")
+
+    def cli(self, *args, check=True, **kw):
+        return run_cli(*args, home=self.home, passphrase_file=self.passphrase_file,
+                       check=check, **kw)
+
+    def json(self, *args):
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def create(self, name, size="256M", *extra):
+        return self.json("disk", "create", name, "--size", size, *extra)
+
+    def attach(self, name, *extra) -> dict:
+        d = self.json("disk", "attach", name, *extra)
+        assert d["state"] == "attached" and d["device"].startswith("/dev/")
+        return d
+
+    def detach(self, name):
+        return self.json("disk", "detach", name)
+
+    def refused(self, error: type[errors.BlockcryptError], *args) -> str:
+        cp = self.cli(*args, check=False)
+        assert cp.returncode == error.exit_code, (
+            f"{args}: exit {cp.returncode}, expected {error.__name__} "
+            f"({error.exit_code}): {cp.stderr.decode()}")
+        return cp.stderr.decode()
+
+    def mount(self, device: str, name: str = "mnt") -> Path:
+        mp = self.tmp / name
+        mp.mkdir(exist_ok=True)
+        subprocess.run(["mount", device, str(mp)], check=True, capture_output=True)
+        self.mounts.append(mp)
+        return mp
+
+    def umount(self, mp: Path) -> None:
+        subprocess.run(["umount", str(mp)], check=True, capture_output=True)
+        self.mounts.remove(mp)
+
+    def store(self) -> KeyStore:
+        return KeyStore.open(Home(self.home),
+                             lambda: read_passphrase_file(str(self.passphrase_file)))
+
+    def data_key(self, name: str) -> bytes:
+        """The disk's DK, unwrapped here through the key store (the test knows it)."""
+        d = self.json("disk", "show", name)
+        h = container.read_header(d["path"])
+        with self.store() as store:
+            with store.decrypt_data_key(h.wrapped_dk, container.key_context(h)) as dk:
+                return dk.reveal()
+
+    def rows(self, table: str) -> list:
+        conn = sqlite3.connect(self.home / "blockcrypt.db")
+        try:
+            return conn.execute(f"SELECT * FROM {table}").fetchall()
+        finally:
+            conn.close()
+
+    def cleanup(self) -> None:
+        for mp in reversed(self.mounts):
+            subprocess.run(["umount", "-l", str(mp)], capture_output=True)
+        if (self.home / "blockcrypt.db").exists():
+            for d in json.loads(self.cli("disk", "list", "--json").stdout or "[]"):
+                if d["state"] != "available" and d["method"] != "serve":
+                    self.cli("disk", "detach", d["name"], check=False)
+        run = self.home / "run"
+        for pid in (proc.find_processes("nbdkit", f"{run}/")
+                    + proc.find_processes("nbdfuse", f"{run}/")):
+            proc.stop_process(pid, os.path.basename(proc.cmdline(pid)[0]), f"{run}/")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(4 * MiB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_files(mp: Path) -> dict[str, str]:
+    """A few small files and one of 64 MiB of random data; returns name -> sha256."""
+    (mp / "dir").mkdir()
+    (mp / "hello.txt").write_text("hello, blockcrypt\n")
+    (mp / "dir" / "odd-size.bin").write_bytes(os.urandom(12345))
+    with open(mp / "random.bin", "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    return {str(p.relative_to(mp)): sha256(p) for p in mp.rglob("*") if p.is_file()}
+
+
+def read_allocated(path: str) -> list[tuple[int, bytes]]:
+    """(offset, bytes) of every allocated extent of a sparse file (SEEK_DATA/SEEK_HOLE)."""
+    out = []
+    with open(path, "rb") as f:
+        fd, end, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            stop = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, os.pread(fd, stop - start, start)))
+            pos = stop
+    return out
+
+
+def dd_write(device: str, data: bytes, offset: int) -> None:
+    src = Path(f"/tmp/bc-pattern-{os.getpid()}")
+    src.write_bytes(data)
+    try:
+        subprocess.run(["dd", f"if={src}", f"of={device}", "bs=4096", f"seek={offset // 4096}",
+                        "oflag=direct,sync", "conv=notrunc,fsync", "status=none"],
+                       check=True, capture_output=True)
+    finally:
+        src.unlink()
+
+
+def dd_read(device: str, length: int, offset: int) -> bytes:
+    return subprocess.run(["dd", f"if={device}", "bs=4096", f"skip={offset // 4096}",
+                           f"count={length // 4096}", "iflag=direct", "status=none"],
+                          check=True, capture_output=True).stdout
+
+
+def assert_nothing_started(e: Env, name: str) -> None:
+    run_dir = e.home / "run" / name
+    assert not run_dir.exists()
+    assert e.rows("attachments") == []
+    assert proc.find_processes("nbdkit", f"{run_dir}/") == []
+    assert proc.loop_devices_backed_by(run_dir / "fuse" / "disk") == []
