@@ -17,8 +17,14 @@ stale and is cleaned by the next disk command (see blockcrypt.services.disks).
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .. import errors
 from .db import register_schema
+
+if TYPE_CHECKING:
+    from .container import Header
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS disks (
@@ -79,6 +85,27 @@ def key_dependants(conn: sqlite3.Connection, key_id: str) -> list[str]:
         "UNION ALL SELECT 'snapshot ' || name FROM snapshots WHERE cmk_id = ? ORDER BY 1",
         (key_id, key_id)).fetchall()
     return [r[0] for r in rows]
+
+
+def check_header_matches(header: Header, row: sqlite3.Row, path: Path) -> None:
+    """Refuse a container whose identity or encryption contradicts its catalog row.
+
+    The header checksum is not a MAC (docs/FORMAT.md): someone with write access
+    could rewrite an encrypted disk's header as unencrypted, and a server would
+    then store every later write in plaintext.  The fields of an encrypted
+    header that matter to the key (lineage, CMK, geometry) are bound by the
+    key context, so tampering with them makes unwrapping fail; the id and the
+    encrypted flag are checked here, against the catalog.
+    """
+    if header.uid_hex != row["id"]:
+        raise errors.FormatError(path=str(path), reason=f"its id {header.uid_hex} is not the "
+                                 f"catalog's {row['id']} for {row['name']!r}")
+    if header.encrypted != bool(row["encrypted"]):
+        raise errors.FormatError(
+            path=str(path), reason=f"its header says {'en' if header.encrypted else 'un'}"
+            f"crypted but the catalog records {row['name']!r} as "
+            f"{'en' if row['encrypted'] else 'un'}crypted; the header was tampered with, so "
+            "the file is not used")
 
 
 # -- disks ----------------------------------------------------------------------
