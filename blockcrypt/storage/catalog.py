@@ -24,7 +24,7 @@ from .. import errors
 from .db import register_schema
 
 if TYPE_CHECKING:
-    from .container import Header
+    from .header import Header
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS disks (

@@ -27,7 +27,7 @@ from pathlib import Path
 from .. import errors
 from ..system import proc
 from . import container, fastcopy, publish
-from .container import Header
+from .header import Header
 from .home import fsync_dir, private_umask
 from .store import ContainerLock, Store
 

@@ -42,7 +42,7 @@ import sqlite3
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from .container import Header
+from .header import Header
 
 #: A location in a store (FileStore: a :class:`pathlib.Path`).
 L = TypeVar("L")

@@ -25,6 +25,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from blockcrypt import errors
 from blockcrypt.storage import container
 from blockcrypt.storage.container import (
+    create_container,
+    grow_container,
+    read_header,
+    write_header,
+)
+from blockcrypt.storage.header import (
     COPY_OFFSETS,
     COPY_SIZE,
     DATA_ALIGN,
@@ -32,14 +38,11 @@ from blockcrypt.storage.container import (
     MAGIC,
     Header,
     Kind,
-    create_container,
+    cryptsetup_argv,
     decode_copy,
     encode_copy,
-    grow_container,
     key_context,
     new_header,
-    read_header,
-    write_header,
 )
 
 from support.headers import DEFAULTS, PLAIN, build_copy, flip, header_for, slots, write_container
@@ -801,7 +804,7 @@ def test_cryptsetup_command_matches_the_spec_and_parses(tmp_path, sector_size):
     """§6/F-31: offset in 512-byte units, skip 0 (IV starts at the data area),
     no --iv-large-sectors; cryptsetup accepts the arguments (--test-args)."""
     h = enc_header(sector_size=sector_size)
-    argv = container.cryptsetup_argv(h, tmp_path / "d.bcd", "/run/DK.bin", "bcrecover")
+    argv = cryptsetup_argv(h, tmp_path / "d.bcd", "/run/DK.bin", "bcrecover")
     opts = dict(zip(argv[2:-2:2], argv[3:-2:2]))
     assert argv[:2] == ["cryptsetup", "open"] and argv[-2:] == [str(tmp_path / "d.bcd"),
                                                                  "bcrecover"]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from blockcrypt import errors
-from blockcrypt.storage import catalog, container, db, fastcopy, publish
-from blockcrypt.storage.container import Kind
+from blockcrypt.storage import catalog, db, fastcopy, publish
 from blockcrypt.storage.file_store import FileLock, FileStore
+from blockcrypt.storage.header import Header, Kind, new_header
 from blockcrypt.storage.store import ContainerLock, Store
 from blockcrypt.system import proc
 
@@ -42,11 +42,11 @@ def conn(tmp_path):
     c.close()
 
 
-def _header(**kw) -> container.Header:
-    return container.new_header(Kind.DISK, SIZE, 4096, encrypted=False, **kw)
+def _header(**kw) -> Header:
+    return new_header(Kind.DISK, SIZE, 4096, encrypted=False, **kw)
 
 
-def _new(store: FileStore, ref: str = "disks/x.bcd") -> tuple[Path, container.Header]:
+def _new(store: FileStore, ref: str = "disks/x.bcd") -> tuple[Path, Header]:
     final = store.locate(ref)
     staged = store.staging(final)
     header = store.create(staged, _header())
