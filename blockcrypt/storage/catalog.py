@@ -73,6 +73,8 @@ register_schema("catalog", SCHEMA)
 
 DISK_COLUMNS = ("id", "name", "path", "size_bytes", "sector_size", "encrypted", "cmk_id",
                 "lineage_id", "discard", "source_snapshot_id", "created_at")
+SNAPSHOT_COLUMNS = ("id", "name", "disk_id", "disk_name", "path", "size_bytes", "sector_size",
+                    "encrypted", "cmk_id", "lineage_id", "created_at")
 ATTACHMENT_COLUMNS = ("disk_id", "state", "owner_pid", "owner_start", "device", "method",
                       "read_only", "nbdkit_pid", "helper_pid", "run_dir", "socket",
                       "control_socket", "attached_at")
@@ -122,18 +124,32 @@ def list_disks(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     return conn.execute("SELECT * FROM disks ORDER BY name").fetchall()
 
 
-def insert_disk(conn: sqlite3.Connection, **row) -> None:
-    """Insert a disk row (call inside db.write_txn); keys are DISK_COLUMNS."""
-    unknown = set(row) - set(DISK_COLUMNS)
+def _insert(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], what: str,
+            row: dict) -> None:
+    """INSERT row into table; ValueError names any key that is not one of columns
+    (the keys are interpolated into the SQL, so only known column names pass)."""
+    unknown = set(row) - set(columns)
     if unknown:
-        raise ValueError(f"unknown disk columns {sorted(unknown)}")
+        raise ValueError(f"unknown {what} columns {sorted(unknown)}")
     cols = ", ".join(row)
     marks = ", ".join("?" for _ in row)
-    conn.execute(f"INSERT INTO disks ({cols}) VALUES ({marks})", tuple(row.values()))
+    conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(row.values()))
+
+
+def insert_disk(conn: sqlite3.Connection, **row) -> None:
+    """Insert a disk row (call inside db.write_txn); keys are DISK_COLUMNS."""
+    _insert(conn, "disks", DISK_COLUMNS, "disk", row)
 
 
 def delete_disk(conn: sqlite3.Connection, disk_id: str) -> None:
     conn.execute("DELETE FROM disks WHERE id = ?", (disk_id,))
+
+
+# -- snapshots --------------------------------------------------------------------
+
+def insert_snapshot(conn: sqlite3.Connection, **row) -> None:
+    """Insert a snapshot row (call inside db.write_txn); keys are SNAPSHOT_COLUMNS."""
+    _insert(conn, "snapshots", SNAPSHOT_COLUMNS, "snapshot", row)
 
 
 # -- attachments --------------------------------------------------------------
@@ -152,12 +168,7 @@ def insert_attachment(conn: sqlite3.Connection, **row) -> None:
     The PRIMARY KEY on disk_id makes a second claim on the same disk fail with
     sqlite3.IntegrityError: at most one attachment per disk, whatever races.
     """
-    unknown = set(row) - set(ATTACHMENT_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown attachment columns {sorted(unknown)}")
-    cols = ", ".join(row)
-    marks = ", ".join("?" for _ in row)
-    conn.execute(f"INSERT INTO attachments ({cols}) VALUES ({marks})", tuple(row.values()))
+    _insert(conn, "attachments", ATTACHMENT_COLUMNS, "attachment", row)
 
 
 def update_attachment(conn: sqlite3.Connection, disk_id: str, **changes) -> None:

@@ -61,7 +61,7 @@ from .header import (  # noqa: F401
 )
 from .home import create_private_file, fsync_dir
 
-_WHAT = "container file"        # how errors.storage_error names the file
+CONTAINER_FILE = "container file"   # what errors.storage_error calls it
 
 
 # Test seam for crash simulation: called with a step name ("write:B",
@@ -109,7 +109,7 @@ def _open_locked(path: str, writable: bool) -> int:
     try:
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
     except OSError as exc:
-        raise errors.storage_error(path, exc, _WHAT) from None
+        raise errors.storage_error(path, exc, CONTAINER_FILE) from None
     lock = _FLOCK.pack(fcntl.F_WRLCK if writable else fcntl.F_RDLCK, os.SEEK_SET, 0,
                        DATA_ALIGN, 0)
     while True:
@@ -120,7 +120,7 @@ def _open_locked(path: str, writable: bool) -> int:
             continue
         except OSError as exc:
             os.close(fd)
-            raise errors.storage_error(path, exc, _WHAT) from None
+            raise errors.storage_error(path, exc, CONTAINER_FILE) from None
 
 
 @dataclass
@@ -141,7 +141,7 @@ def _load(fd: int, path: str) -> _Loaded:
         file_size = st.st_size
         raws = [_pread(fd, COPY_SIZE, off) for off in COPY_OFFSETS]
     except OSError as exc:
-        raise errors.storage_error(path, exc, _WHAT) from None
+        raise errors.storage_error(path, exc, CONTAINER_FILE) from None
     if file_size < COPY_SIZE:
         if raws[0][:len(MAGIC)] != MAGIC[:len(raws[0])]:
             raise errors.BadMagic(path=path)
@@ -239,7 +239,7 @@ def _update_locked(fd: int, path: str, loaded: _Loaded, header: Header,
             _step(f"fsync:{COPY_NAMES[slot]}")
             os.fsync(fd)
     except OSError as exc:
-        raise errors.storage_error(path, exc, _WHAT) from None
+        raise errors.storage_error(path, exc, CONTAINER_FILE) from None
     return new
 
 
@@ -295,7 +295,7 @@ def grow_container(path: os.PathLike | str, size_bytes: int, *,
                 os.ftruncate(fd, new.file_size_bytes)
                 os.fsync(fd)
             except OSError as exc:
-                raise errors.storage_error(p, exc, _WHAT) from None
+                raise errors.storage_error(p, exc, CONTAINER_FILE) from None
             file_size = new.file_size_bytes
         return _update_locked(fd, p, loaded, new, file_size)
     finally:
@@ -313,7 +313,7 @@ def create_container(path: os.PathLike | str, header: Header) -> Header:
     p = os.fspath(path)
     stored = header.replace(seq=0)
     raw = encode_copy(stored)
-    fd = create_private_file(p, "container file")
+    fd = create_private_file(p, CONTAINER_FILE)
     try:
         try:
             os.ftruncate(fd, stored.file_size_bytes)
@@ -331,5 +331,5 @@ def create_container(path: os.PathLike | str, header: Header) -> Header:
         if exc.errno == errno.EFBIG:
             raise errors.StorageError(path=p, reason=f"the file system cannot hold a file "
                                       f"of {stored.file_size_bytes} bytes") from None
-        raise errors.storage_error(p, exc, _WHAT) from None
+        raise errors.storage_error(p, exc, CONTAINER_FILE) from None
     return stored

@@ -138,7 +138,7 @@ class FileStore(Store[Path]):
         try:
             fd = os.open(loc, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise errors.storage_error(loc, exc, "container file") from None
+            raise errors.storage_error(loc, exc, container.CONTAINER_FILE) from None
         try:
             mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
             deadline = time.monotonic() + timeout_s

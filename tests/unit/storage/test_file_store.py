@@ -35,13 +35,6 @@ def store(tmp_path) -> FileStore:
     return FileStore(tmp_path)
 
 
-@pytest.fixture
-def conn(tmp_path):
-    c = db.connect(tmp_path / "blockcrypt.db", create=True)
-    yield c
-    c.close()
-
-
 def _header(**kw) -> Header:
     return new_header(Kind.DISK, SIZE, 4096, encrypted=False, **kw)
 
