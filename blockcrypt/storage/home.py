@@ -7,12 +7,17 @@ Layout under the home directory (every directory 0700, every file 0600):
     snapshots/<id>.bcd     one container file per snapshot
     run/<disk-name>/       runtime state of an attached/served disk
                            (nbdkit socket, pid file, log, fuse mount point)
+
+This module owns that layout and the private-file helpers; it must not open
+the database or a container.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from pathlib import Path
+
+from .. import errors
 
 DEFAULT_ROOT_HOME = Path("/var/lib/blockcrypt")
 DB_NAME = "blockcrypt.db"
@@ -52,7 +57,6 @@ def create_private_file(path, what: str = "file") -> int:
 
     AlreadyExists if it exists; NoSpace / StorageError for other failures.
     """
-    from .. import errors
     try:
         with private_umask():
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
