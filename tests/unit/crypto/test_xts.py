@@ -1,4 +1,4 @@
-"""Tests of the AES-256-XTS sector cipher (blockcrypt/xts.py).
+"""Tests of the AES-256-XTS sector cipher (blockcrypt/crypto/xts/).
 
 Known answers come from IEEE 1619-2007 Annex B and NIST CAVP XTSGenAES256
 (files under tests/data/xts/, sources in their headers).  The cipher is also
@@ -21,8 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockcrypt import errors
+from blockcrypt.constants import SECTOR_SIZES
 from blockcrypt.crypto import xts
 from blockcrypt.crypto.secret import Secret
+from blockcrypt.crypto.xts import evp
 
 from support.prereq import require_tools
 
@@ -150,7 +152,7 @@ def test_refuses_bad_sector_size(size):
     assert "512 or 4096" in str(exc.value)
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_refuses_bad_buffers_and_indexes(sector_size):
     c = xts.XtsCipher(random_key(), sector_size)
     for bad_len in (1, 16, sector_size - 16, sector_size + 16):
@@ -198,7 +200,7 @@ def test_encrypt_changes_data_and_depends_on_index():
 
 # -- cross-checks against pyca ------------------------------------------------------
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_matches_pyca_per_sector(sector_size):
     rng = random.Random(1619)
     key = random_key()
@@ -263,7 +265,7 @@ def test_spec_composition_matches_ieee_vector():
     assert got.hex() == vec["CT"]
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_matches_openssl_command_line(sector_size):
     require_tools("openssl")
     rng = random.Random(sector_size)
@@ -289,9 +291,9 @@ def test_matches_openssl_command_line(sector_size):
 # -- properties ------------------------------------------------------------------------
 
 _KEY = random_key()
-_CIPHERS = {s: xts.XtsCipher(_KEY, s) for s in xts.SECTOR_SIZES}
+_CIPHERS = {s: xts.XtsCipher(_KEY, s) for s in SECTOR_SIZES}
 
-sector_sizes = st.sampled_from(xts.SECTOR_SIZES)
+sector_sizes = st.sampled_from(SECTOR_SIZES)
 # Up to 40 sectors from the index: the last 4096-byte sector (tweak 8*i) must
 # stay within the 64-bit tweak range, i.e. index <= 2^61 - 40.
 indexes = st.one_of(st.integers(0, 2**20), st.integers(2**31, 2**33),
@@ -341,7 +343,7 @@ def test_auto_engine_is_openssl_here():
     assert xts.XtsCipher(random_key(), 512).engine_name == "openssl"
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_fast_matches_reference_on_random_requests(sector_size):
     """Thousands of random (sector_index, n_sectors) pairs, both directions."""
     rng = random.Random(7 + sector_size)
@@ -370,7 +372,7 @@ def test_fast_matches_reference_on_random_requests(sector_size):
         assert fast.decrypt(want, index) == data, (n, index)
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_fast_in_place_and_views(sector_size):
     key = random_key()
     fast, ref = _engines(key, sector_size)
@@ -396,7 +398,7 @@ def test_fast_in_place_and_views(sector_size):
 
 
 @pytest.mark.parametrize("engine", ["openssl", "reference"])
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_crypt_in_place_matches_encrypt_into(sector_size, engine):
     key = random_key()
     c = xts.XtsCipher(key, sector_size, engine=engine)
@@ -447,7 +449,7 @@ def test_fast_refuses_non_contiguous():
         fast.encrypt_into(memoryview(buf)[::2], bytearray(2048), 0)
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_threads_agree_with_reference(sector_size):
     """Several threads share one cipher, each with its own buffers."""
     import threading
@@ -532,7 +534,7 @@ def test_wipe_during_a_request_frees_its_worker_when_it_returns(monkeypatch):
         fast.encrypt(data, 3)
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_per_sector_path_with_and_without_the_live_iv(monkeypatch, sector_size):
     """Both ways of setting the tweak (written into the context's IV, or
     EVP_CipherInit_ex per sector) give the reference bytes."""
@@ -555,7 +557,7 @@ def test_per_sector_path_with_and_without_the_live_iv(monkeypatch, sector_size):
         assert all((iv is not None) == live for _, iv in worker.xts.values())
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_workers_are_pooled_not_kept_per_thread(sector_size):
     """Regression (nbdkit RSS grew with every request): nbdkit's Python plugin
     runs each callback in a fresh Python thread state, so anything kept per
@@ -612,7 +614,7 @@ def test_concurrent_requests_use_at_most_one_worker_each():
     assert sorted(map(id, engine._idle)) == sorted(map(id, engine._workers))
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_wipe_while_threads_encrypt(sector_size):
     """wipe() during concurrent requests: each request either completes
     correctly or raises StateError; never a crash or a wrong result."""
@@ -647,7 +649,7 @@ def test_wipe_while_threads_encrypt(sector_size):
 
 
 def test_falls_back_to_reference_without_libcrypto(monkeypatch):
-    monkeypatch.setattr(xts, "_LIBCRYPTO", None)      # as if libcrypto failed to load
+    monkeypatch.setattr(evp, "_LIBCRYPTO", None)      # as if libcrypto failed to load
     key = random_key()
     c = xts.XtsCipher(key, 4096)
     assert c.engine_name == "reference"
