@@ -626,8 +626,9 @@ def test_wipe_while_threads_encrypt(sector_size):
     want = bytes(ref.encrypt(data, 99))
     outcomes = []
     deadline = time.monotonic() + 20
+    running = [threading.Event() for _ in range(3)]   # set after a worker's first request
 
-    def worker():
+    def worker(running):
         out = bytearray(len(data))
         while time.monotonic() < deadline:
             try:
@@ -636,11 +637,12 @@ def test_wipe_while_threads_encrypt(sector_size):
                 outcomes.append("wiped")
                 return
             outcomes.append("ok" if out == want else "WRONG")
+            running.set()
 
-    threads = [threading.Thread(target=worker) for _ in range(3)]
+    threads = [threading.Thread(target=worker, args=(ev,)) for ev in running]
     for th in threads:
         th.start()
-    time.sleep(0.05)
+    assert all(ev.wait(10) for ev in running)         # all three are encrypting now
     fast.wipe()
     for th in threads:
         th.join()
