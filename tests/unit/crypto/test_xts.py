@@ -95,8 +95,8 @@ def test_ieee1619_annex_b(vec):
         # ... as the second sector of a two-sector request (per-sector path),
         two = c.encrypt(bytes(512) + pt, seq_no - 1)
         assert bytes(two[512:]) == ct
-        # ... and as sector 25 of a 40-sector request (the bulk path).
-        many = bytearray(os.urandom(40 * 512))
+        # ... and as sector 25 of a request long enough for the bulk path.
+        many = bytearray(os.urandom((xts.BULK_MIN_SECTORS + 12) * 512))
         many[25 * 512:26 * 512] = pt
         c.encrypt_into(many, many, seq_no - 25)
         assert bytes(many[25 * 512:26 * 512]) == ct
@@ -112,6 +112,139 @@ def test_nist_xtsgenaes256(vec):
     assert len(pt) * 8 == int(vec["DataUnitLen"])
     assert xts.xts_encrypt_unit(key, tweak16, pt) == ct
     assert xts.xts_decrypt_unit(key, tweak16, ct) == pt
+
+
+# -- known answers on every engine path ------------------------------------------------
+#
+# Which vector runs where, and why:
+# - IEEE 1619-2007 vectors 10-14 are 512-byte data units whose tweak is the data
+#   unit sequence number (0xff .. 0xffffffffff) as a 128-bit little-endian
+#   integer: exactly a 512-byte sector's plain64 tweak.  They run through every
+#   engine path that serves 512-byte sectors (ENGINE_PATHS), with the vector's
+#   sector alone, in the middle of a short request, as the last sector of the
+#   smallest bulk request, and on either side of a bulk chunk boundary
+#   (positions 511 and 512 need a sequence number >= 512, so vector 10, 0xff,
+#   skips those two).
+# - The NIST XTSGenAES256 excerpt has 256- and 384-bit data units and arbitrary
+#   128-bit tweaks: no sector size or 64-bit sector number fits them.  They run
+#   through the unit-level functions instead: pyca's (the reference engine's
+#   xts_encrypt_unit, test_nist_xtsgenaes256) and the libcrypto EVP calls the
+#   OpenSSL engine is built from (test_nist_vectors_through_the_evp_bindings),
+#   with the tweak set by EVP_CipherInit_ex and written through the live IV.
+# - No published vector has a 4096-byte data unit; the 4096-byte paths are
+#   checked against pyca and the openssl command line below.
+
+def _fail_fallback(buf, sector_index, encrypt):
+    raise AssertionError("the fast path handed a known-answer request to the generic path")
+
+
+def _engine_path(path: str, key: bytes, monkeypatch):
+    """``(crypt(buf, first_sector, encrypt), max_sectors, engine)`` for one
+    engine path, 512-byte sectors; ``crypt`` works in place on a bytearray."""
+    import ctypes
+    key_view = memoryview(bytearray(key))
+    if path == "reference":
+        eng = xts.ReferenceXts(key_view, 512)
+        return (lambda buf, first, enc: eng.crypt_into(memoryview(buf), memoryview(buf),
+                                                       len(buf), first, enc)), None, eng
+    if path == "auto":
+        c = xts.XtsCipher(Secret(key), 512, engine="auto")
+        assert c.engine_name == "openssl"
+        return ((lambda buf, first, enc: (c.encrypt_into if enc else c.decrypt_into)(
+            buf, buf, first)), None, c)
+    lib = evp.libcrypto()
+    if path == "openssl-init-iv":                  # EVP_CipherInit_ex per sector
+        monkeypatch.setattr(lib, "live_iv_works", False)
+    eng = xts.OpenSslXts(key_view, 512, lib)
+    if path in ("openssl-live-iv", "openssl-init-iv"):
+        return (lambda buf, first, enc: eng.crypt_into(memoryview(buf), memoryview(buf),
+                                                       len(buf), first, enc)), None, eng
+    in_place, at = eng.fast_paths(_fail_fallback)
+    below_bulk = xts.BULK_MIN_SECTORS - 1          # the fast paths' largest request
+    if path == "openssl-fast-in-place":
+        return (lambda buf, first, enc: in_place(memoryview(buf), first, enc)), below_bulk, eng
+    assert path == "openssl-fast-at"
+    return ((lambda buf, first, enc: at(ctypes.addressof(ctypes.c_char.from_buffer(buf)),
+                                        len(buf), first, enc)), below_bulk, eng)
+
+
+ENGINE_PATHS = ["reference", "openssl-live-iv", "openssl-init-iv", "openssl-fast-in-place",
+                "openssl-fast-at", "auto"]
+# (sectors in the request, position of the vector's sector in it)
+LAYOUTS = [(1, 0), (3, 1), (xts.BULK_MIN_SECTORS, xts.BULK_MIN_SECTORS - 1),
+           (xts.BULK_CHUNK_SECTORS + 8, xts.BULK_CHUNK_SECTORS - 1),
+           (xts.BULK_CHUNK_SECTORS + 8, xts.BULK_CHUNK_SECTORS)]
+
+
+@pytest.mark.parametrize("path", ENGINE_PATHS)
+@pytest.mark.parametrize("vec", IEEE, ids=lambda r: f"ieee-{r['Vector']}")
+def test_ieee_vectors_on_every_engine_path(vec, path, monkeypatch):
+    """Each IEEE 512-byte vector through each engine path of blockcrypt's own
+    engines (not only pyca): the reference engine, the OpenSSL engine's generic
+    path with the tweak written into the live IV and set per sector by
+    EVP_CipherInit_ex, its two per-request fast entry points, its numpy bulk
+    path (requests of >= BULK_MIN_SECTORS sectors, which must be taken), and
+    XtsCipher with engine="auto".  See the comment above for the vector choice."""
+    from blockcrypt.crypto.xts import bulk
+    key = bytes.fromhex(vec["Key"])
+    seq_no = int(vec["DataUnitSeqNo"], 16)
+    pt, ct = bytes.fromhex(vec["PT"]), bytes.fromhex(vec["CT"])
+    bulk_calls = []
+    real_bulk = bulk.bulk_512
+    monkeypatch.setattr(bulk, "bulk_512", lambda *a: (bulk_calls.append(1), real_bulk(*a)))
+    crypt, max_sectors, eng = _engine_path(path, key, monkeypatch)
+    ran = 0
+    for n, k in LAYOUTS:
+        if k > seq_no or (max_sectors is not None and n > max_sectors):
+            continue
+        ran += 1
+        data = bytearray(os.urandom(n * 512))
+        data[k * 512:(k + 1) * 512] = pt
+        buf = bytearray(data)
+        bulk_calls.clear()
+        crypt(buf, seq_no - k, True)
+        assert bytes(buf[k * 512:(k + 1) * 512]) == ct, (n, k)
+        takes_bulk = n >= xts.BULK_MIN_SECTORS and path != "reference"
+        assert bool(bulk_calls) == takes_bulk, (n, k)
+        crypt(buf, seq_no - k, False)
+        assert buf == data, (n, k)
+    assert ran == (2 if max_sectors else 3 if seq_no < 512 else 5)
+    if path == "openssl-init-iv":                  # really the per-sector-init way
+        assert eng._workers and all(iv is None for st in eng._workers
+                                    for _, iv in st.xts.values())
+    (eng.wipe if path == "auto" else eng.close)()
+
+
+@pytest.mark.parametrize("vec", NIST, ids=lambda r: f"nist-{r['COUNT']}")
+def test_nist_vectors_through_the_evp_bindings(vec):
+    """The NIST vectors (data units of 32 and 48 bytes, 128-bit tweaks) through
+    the libcrypto calls the OpenSSL engine is made of: an XTS context keyed by
+    LibCrypto.new_ctx, the tweak set by EVP_CipherInit_ex, then (where the live
+    IV works, as on these machines) written straight into the context's IV,
+    all 128 bits of it, and one EVP_CipherUpdate."""
+    import ctypes
+    lib = evp.libcrypto()
+    key = (ctypes.c_char * 64).from_buffer_copy(bytes.fromhex(vec["Key"]))
+    tweak16 = bytes.fromhex(vec["i"])
+    pt, ct = bytes.fromhex(vec["PT"]), bytes.fromhex(vec["CT"])
+    out = (ctypes.c_char * len(pt))()
+    outl = ctypes.c_int()
+    assert lib.live_iv_works
+    for encrypt, src, want in ((True, pt, ct), (False, ct, pt)):
+        ctx = lib.new_ctx(lib.aes_256_xts, ctypes.addressof(key), encrypt)
+        try:
+            iv = (ctypes.c_char * 16).from_buffer_copy(tweak16)
+            assert lib.init(ctx, None, None, None, ctypes.addressof(iv), -1) == 1
+            assert lib.update(ctx, out, ctypes.byref(outl), src, len(src)) == 1
+            assert (outl.value, out.raw) == (len(src), want)
+            live = lib.live_iv(ctx)                # resets the IV to zero, then ...
+            live[0] = int.from_bytes(tweak16[:8], "little")
+            live[1] = int.from_bytes(tweak16[8:], "little")
+            out[:] = bytes(len(src))
+            assert lib.update(ctx, out, ctypes.byref(outl), src, len(src)) == 1
+            assert out.raw == want
+        finally:
+            lib.free_ctx(ctx)
 
 
 # -- validation --------------------------------------------------------------------
