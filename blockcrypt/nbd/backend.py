@@ -41,6 +41,7 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
+from typing import Self
 
 import numpy as np
 
@@ -349,7 +350,7 @@ class DiskBackend:
         if volume is not None:
             volume.close()
 
-    def __enter__(self) -> "DiskBackend":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,6 +20,7 @@ import ctypes
 import errno
 import fcntl
 import os
+from typing import Self
 
 from .. import errors
 from ..system.libc import libc
@@ -99,7 +100,7 @@ class Volume(abc.ABC):
         for pos in range(0, length, ZERO_CHUNK_BYTES):
             self.pwrite(zeros[:min(ZERO_CHUNK_BYTES, length - pos)], offset + pos)
 
-    def __enter__(self) -> Volume:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
