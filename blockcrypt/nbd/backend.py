@@ -1,12 +1,15 @@
-"""Sector I/O on a container's data area: what the nbdkit plugin serves.
+"""Sector I/O on a disk's data area: what the nbdkit plugin serves.
 
 :class:`DiskBackend` turns byte-range requests (any offset, any length) into
-whole-sector reads and writes of the container file, encrypting with
-:class:`~blockcrypt.crypto.xts.XtsCipher` when the container is encrypted.  Rules it
-follows (docs/FORMAT.md):
+whole-sector reads and writes of a :class:`~blockcrypt.storage.volume.Volume`
+(a container file today), encrypting with
+:class:`~blockcrypt.crypto.xts.XtsCipher` when the disk is encrypted.  It owns
+the request semantics below; where the bytes live, the server lock, hole
+punching and durability are the volume's.  Rules it follows (docs/FORMAT.md):
 
-- Sector ``i`` of the virtual disk is stored at file offset
-  ``data_offset + i * sector_size`` and encrypted with XTS sector index ``i``.
+- Sector ``i`` of the virtual disk is stored at data-area offset
+  ``i * sector_size`` (file offset ``data_offset + i * sector_size`` in a
+  container file) and encrypted with XTS sector index ``i``.
 - Zero-sector rule: a stored sector whose bytes are all zero reads as plaintext
   zeros without decryption.  Holes in the sparse file are such sectors, so a new
   disk reads as zeros.  This shows nothing the file's sparseness does not
@@ -20,9 +23,10 @@ follows (docs/FORMAT.md):
   this leaks which ranges of the disk are unused to anyone who can see the
   file's allocation map.  Without it, zeroing writes encrypted zeros and
   ``trim`` does nothing.
-- Durability: ``flush`` is ``fdatasync``; an operation with ``fua=True`` is
-  followed by ``fdatasync`` before it returns.  One file descriptor is shared
-  by all connections, so a flush covers every connection's writes.
+- Durability: ``flush`` is the volume's flush (``fdatasync`` of a container
+  file); an operation with ``fua=True`` is followed by one before it returns.
+  One volume (one file descriptor) is shared by all connections, so a flush
+  covers every connection's writes.
 
 Errors are raised as ``OSError`` (with the errno a client should see) or
 :class:`~blockcrypt.errors.BlockcryptError`; :func:`errno_for` gives the NBD
@@ -33,19 +37,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import threading
 from collections.abc import Iterator
+from typing import Self
 
 import numpy as np
 
 from .. import errors
 from ..crypto.secret import Secret
 from ..crypto.xts import XtsCipher
-from ..storage import container
-from ..system.libc import libc
+from ..storage.volume import FileVolume, Volume
 
 # Encrypt-and-write and zero-writing work in chunks of this many bytes, so one
 # request never needs more than this much scratch memory.  nbdkit runs up to
@@ -74,22 +77,8 @@ _ZERO_WORD = bytes(8)
 # shorter answer and the client asks again from where it ends.
 MAX_EXTENTS = 1024
 
-# <linux/falloc.h>
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-_libc = libc()
 _addressof = ctypes.addressof
 _char_from_buffer = ctypes.c_char.from_buffer
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate [offset, offset+length) of fd; the range then reads as zeros."""
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def errno_for(exc: BaseException) -> int:
@@ -172,25 +161,43 @@ class _SectorLocks:
 
 
 class DiskBackend:
-    """Serve the virtual disk stored in one container file.
+    """Serve the virtual disk kept in one :class:`~blockcrypt.storage.volume.Volume`.
 
-    ``dk`` is the plaintext data key for an encrypted container and must be
+    ``volume`` is an open Volume, or the path of a container file, which is
+    opened as a :class:`~blockcrypt.storage.volume.FileVolume` with
+    ``read_only`` (required then; with a Volume it may be omitted, and must
+    match the volume's if given).  The backend owns the volume from the call
+    on: :meth:`close` closes it, and so does a constructor that fails.
+
+    ``dk`` is the plaintext data key for an encrypted disk and must be
     ``None`` for an unencrypted one.  The backend keeps no reference to ``dk``:
     the cipher holds its own mlocked copy, wiped by :meth:`close`; the caller
     may wipe ``dk`` as soon as the constructor returns.
 
-    The container is locked with ``flock`` (exclusive for read-write, shared
-    for read-only), so two servers never write the same disk.
-
     Thread-safe: all methods may be called from many threads at once.
     """
 
-    def __init__(self, path: str | os.PathLike, dk: Secret | None, *,
-                 read_only: bool, discard: bool):
-        self.path = os.fspath(path)
-        self.read_only = read_only
+    def __init__(self, volume: Volume | str | os.PathLike, dk: Secret | None, *,
+                 read_only: bool | None = None, discard: bool):
+        if not isinstance(volume, Volume):
+            if read_only is None:
+                raise TypeError("DiskBackend(path, ...) needs read_only=True or False")
+            volume = FileVolume(volume, read_only=read_only)
+        try:
+            if read_only is not None and read_only != volume.read_only:
+                raise ValueError(f"read_only={read_only} but {volume!r} is opened "
+                                 f"{'read-only' if volume.read_only else 'read-write'}")
+            self._init(volume, dk, discard)
+        except BaseException:
+            volume.close()
+            raise
+
+    def _init(self, volume: Volume, dk: Secret | None, discard: bool) -> None:
+        self.volume = volume
+        self.path = volume.name
+        self.read_only = volume.read_only
         self.discard = discard
-        header = container.read_header(self.path, repair=not read_only)
+        header = volume.header
         if header.encrypted and dk is None:
             raise errors.InvalidKeyMaterial(
                 reason=f"container {self.path} is encrypted and no data key was given; "
@@ -203,25 +210,14 @@ class DiskBackend:
         self.size_bytes = header.size_bytes
         self.sector_size = header.sector_size
         self.encrypted = header.encrypted
-        self._data_offset = header.data_offset
         self._sector_locks = _SectorLocks()
         self._idle_scratch: list[tuple[memoryview, int]] = []   # list.pop/append: atomic
-        self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        try:
-            try:
-                fcntl.flock(self._fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX)
-                            | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise errors.StateError(
-                    detail=f"container {self.path} is in use by another server; "
-                           "detach the disk first") from None
-            self._cipher = XtsCipher(dk, self.sector_size) if dk is not None else None
-            # The cipher's unchecked per-request entry point (None without the
-            # OpenSSL fast path); requests are validated here before it is used.
-            self._crypt_at = self._cipher.crypt_at if self._cipher is not None else None
-        except BaseException:
-            os.close(self._fd)
-            raise
+        # The volume's per-request methods, bound once (no lookup per request).
+        self._pread, self._pwrite = volume.pread_into, volume.pwrite
+        self._cipher = XtsCipher(dk, self.sector_size) if dk is not None else None
+        # The cipher's unchecked per-request entry point (None without the
+        # OpenSSL fast path); requests are validated here before it is used.
+        self._crypt_at = self._cipher.crypt_at if self._cipher is not None else None
 
     # -- public API -------------------------------------------------------------
 
@@ -232,7 +228,7 @@ class DiskBackend:
         if offset < 0 or offset + count > self.size_bytes:
             self._check_range(count, offset)
         if self._cipher is None:
-            self._pread_exact(view, self._data_offset + offset)
+            self._pread(view, offset)
             return
         ss = self.sector_size
         if not (offset % ss or count % ss):        # whole sectors: the common case
@@ -259,7 +255,7 @@ class DiskBackend:
         if count == 0:
             return
         if self._cipher is None:
-            self._pwrite_all(view, self._data_offset + offset)
+            self._pwrite(view, offset)
         else:
             ss = self.sector_size
             first, end = offset // ss, -(-(offset + count) // ss)
@@ -281,7 +277,7 @@ class DiskBackend:
                             else:
                                 self._modify_sector(sector_no, within, piece)
         if fua:
-            os.fdatasync(self._fd)
+            self.volume.flush()
 
     def zero(self, count: int, offset: int, may_trim: bool, fua: bool) -> None:
         """Make ``count`` bytes at ``offset`` read as zeros.
@@ -298,9 +294,9 @@ class DiskBackend:
         deallocate = self.discard and may_trim
         if self._cipher is None:
             if deallocate:
-                self._deallocate(self._data_offset + offset, count)
+                self.volume.deallocate(offset, count)
             else:
-                self._write_zeros(self._data_offset + offset, count)
+                self.volume.write_zeros(offset, count)
         else:
             ss = self.sector_size
             with self._sector_locks.hold(*self._sector_span(count, offset)):
@@ -308,11 +304,11 @@ class DiskBackend:
                     if not whole:
                         self._modify_sector(sector_no, within, memoryview(_ZEROS)[:length])
                     elif deallocate:  # zero-sector rule: holes read as zeros
-                        self._deallocate(self._data_offset + sector_no * ss, length)
+                        self.volume.deallocate(sector_no * ss, length)
                     else:
                         self._encrypt_zeros(sector_no, length)
         if fua:
-            os.fdatasync(self._fd)
+            self.volume.flush()
 
     def zero_is_fast(self, may_trim: bool) -> bool:
         """Whether :meth:`zero` is cheap (a hole punch) rather than a data write."""
@@ -332,7 +328,7 @@ class DiskBackend:
 
     def flush(self) -> None:
         """Make every write that has returned durable (fdatasync)."""
-        os.fdatasync(self._fd)
+        self.volume.flush()
 
     def extents(self, count: int, offset: int) -> list[tuple[int, int, bool]]:
         """``(offset, length, is_hole)`` runs covering the start of the range.
@@ -342,31 +338,19 @@ class DiskBackend:
         :data:`MAX_EXTENTS` runs).
         """
         self._check_range(count, offset)
-        base = self._data_offset
-        pos, end = base + offset, base + offset + count
-        out: list[tuple[int, int, bool]] = []
-        while pos < end and len(out) < MAX_EXTENTS:
-            data = min(self._seek(pos, os.SEEK_DATA), end)
-            if data > pos:
-                out.append((pos - base, data - pos, True))
-                pos = data
-                continue
-            hole = min(self._seek(pos, os.SEEK_HOLE), end)
-            out.append((pos - base, hole - pos, False))
-            pos = hole
-        return out
+        return self.volume.extents(offset, count, MAX_EXTENTS)
 
     def close(self) -> None:
-        """Wipe the cipher's key and close the file (idempotent)."""
+        """Wipe the cipher's key and close the volume (idempotent)."""
         cipher, self._cipher = getattr(self, "_cipher", None), None
         if cipher is not None:
             cipher.wipe()
         getattr(self, "_idle_scratch", []).clear()   # unmaps the scratch buffers
-        fd, self._fd = getattr(self, "_fd", -1), -1
-        if fd >= 0:
-            os.close(fd)
+        volume = getattr(self, "volume", None)
+        if volume is not None:
+            volume.close()
 
-    def __enter__(self) -> "DiskBackend":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -411,29 +395,10 @@ class DiskBackend:
                 yield pos, sector_no, 0, length, True
             pos += length
 
-    def _pread_exact(self, view: memoryview, file_offset: int) -> None:
-        """Read len(view) bytes; bytes past the end of the file read as zeros."""
-        got = os.preadv(self._fd, (view,), file_offset)
-        if got == len(view):
-            return
-        while got < len(view):
-            n = os.preadv(self._fd, (view[got:],), file_offset + got)
-            if n == 0:
-                view[got:] = bytes(len(view) - got)
-                return
-            got += n
-
-    def _pwrite_all(self, view: memoryview, file_offset: int) -> None:
-        done = os.pwrite(self._fd, view, file_offset)
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], file_offset + done)
-
     def _read_sectors(self, dst: memoryview, sector_no: int) -> None:
         """Read whole sectors into dst and decrypt them in place (zero-sector rule)."""
         ss = self.sector_size
-        file_offset = self._data_offset + sector_no * ss
-        if os.preadv(self._fd, (dst,), file_offset) != len(dst):
-            self._pread_exact(dst, file_offset)  # short read: finish it (zeros past EOF)
+        self._pread(dst, sector_no * ss)         # short reads finished, zeros past EOF
         # Zero-sector rule, fast test: a stored sector whose first 8 bytes are
         # not all zero is not an all-zero sector.  Ciphertext starts with 8
         # zero bytes with probability 2^-64; such a sector, and holes, take
@@ -483,14 +448,14 @@ class DiskBackend:
                     self._crypt_at(slot[1], count, sector_no, True)
                 else:
                     self._cipher.crypt_in_place(out, sector_no, True)
-                self._pwrite_all(out, self._data_offset + sector_no * ss)
+                self._pwrite(out, sector_no * ss)
                 return
             for pos in range(0, count, CHUNK_BYTES):
                 piece = plain[pos:pos + CHUNK_BYTES]
                 out = scratch[:len(piece)]
                 first = sector_no + pos // ss
                 self._cipher.encrypt_into(piece, out, first)
-                self._pwrite_all(out, self._data_offset + first * ss)
+                self._pwrite(out, first * ss)
         finally:
             if len(self._idle_scratch) < MAX_IDLE_SCRATCH:
                 self._idle_scratch.append(slot)
@@ -507,29 +472,3 @@ class DiskBackend:
         self._read_sectors(sector, sector_no)
         sector[within:within + len(data)] = data
         self._encrypt_write(sector, sector_no)
-
-    def _write_zeros(self, file_offset: int, length: int) -> None:
-        for pos in range(0, length, CHUNK_BYTES):
-            n = min(CHUNK_BYTES, length - pos)
-            self._pwrite_all(memoryview(_ZEROS)[:n], file_offset + pos)
-
-    def _deallocate(self, file_offset: int, length: int) -> None:
-        """Punch a hole; where the filesystem cannot, store zero bytes instead.
-
-        Both read back as zeros (for encrypted disks by the zero-sector rule).
-        """
-        try:
-            _punch_hole(self._fd, file_offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            self._write_zeros(file_offset, length)
-
-    def _seek(self, file_offset: int, whence: int) -> int:
-        """lseek for SEEK_DATA/SEEK_HOLE; ENXIO (no more data) means end of file."""
-        try:
-            return os.lseek(self._fd, file_offset, whence)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            return self._data_offset + self.size_bytes

@@ -4,7 +4,8 @@
         file=CONTAINER [keyfd=N] [readonly=true|false] [discard=true|false]
 
 A thin adapter: all format and crypto logic lives in
-:class:`blockcrypt.nbd.backend.DiskBackend`.  nbdkit embeds /usr/bin/python3, so
+:class:`blockcrypt.nbd.backend.DiskBackend`, serving the container file as a
+:class:`blockcrypt.storage.volume.FileVolume`.  nbdkit embeds /usr/bin/python3, so
 start it with the environment of :func:`blockcrypt.nbd.launch.plugin_env`
 (the CLI does).
 
@@ -41,6 +42,7 @@ import nbdkit
 from blockcrypt.constants import DK_BYTES
 from blockcrypt.crypto import secret
 from blockcrypt.nbd.backend import DiskBackend, errno_for
+from blockcrypt.storage.volume import FileVolume
 
 API_VERSION = 2
 
@@ -113,7 +115,7 @@ def get_ready() -> None:
     """Open the container before serving, so a bad file or key fails at start-up."""
     global _backend, _dk
     try:
-        _backend = DiskBackend(_file, _dk, read_only=_readonly, discard=_discard)
+        _backend = DiskBackend(FileVolume(_file, read_only=_readonly), _dk, discard=_discard)
     finally:
         # The cipher holds its own mlocked copy of the key; drop ours now.
         if _dk is not None:

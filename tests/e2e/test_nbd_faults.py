@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from blockcrypt.storage import container
 
 from support.nbdkit import import_libnbd, serve_container, stop
 from support.prereq import require, require_root, require_tools
+from support.wait import wait_for
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -43,13 +43,6 @@ def errnum(call) -> int | None:
     except nbd.Error as e:
         return e.errnum
     return None
-
-
-def wait_for(cond, what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # -- item 7a: error filter under fio --verify ---------------------------------------------
@@ -124,12 +117,12 @@ class FaultyBackingFile:
             stdout=self._log, stderr=subprocess.STDOUT)
         self.fuse = None
         try:
-            wait_for(self.sock.exists, "the lower nbdkit socket")
+            wait_for(self.sock.exists, 20.0, "the lower nbdkit socket")
             pidfile = workdir / "nbdfuse.pid"
             self.fuse = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(self.file),
                                           "--unix", str(self.sock)],
                                          stdout=self._log, stderr=subprocess.STDOUT)
-            wait_for(lambda: pidfile.exists() and self.file.exists(), "nbdfuse")
+            wait_for(lambda: pidfile.exists() and self.file.exists(), 20.0, "nbdfuse")
         except BaseException:
             self.close()
             raise

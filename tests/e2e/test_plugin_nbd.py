@@ -11,7 +11,6 @@ import os
 import random
 import re
 import subprocess
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ from blockcrypt.storage import container
 
 from support.nbdkit import PLUGIN, import_libnbd, plugin_env, run_nbdkit, serve_container
 from support.prereq import require, require_tools
+from support.wait import wait_for
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -484,16 +484,20 @@ def test_pinned_thread_states_released_when_connections_close(tmp_path, threads)
         for _ in range(200):
             one_connection()
         rss_after = _rss_kib(pid)
-        deadline = time.monotonic() + 10
-        released, live = [], []
-        while time.monotonic() < deadline:
-            closes = re.findall(r"connection closed, (\d+) pinned thread state\(s\) "
-                                r"released, (-?\d+) live", srv.log_text())
-            released = [int(n) for n, _ in closes]
-            live = [int(n) for _, n in closes]
-            if len(released) >= 220:
-                break
-            time.sleep(0.1)
+
+        def closes() -> list[tuple[str, str]]:
+            return re.findall(r"connection closed, (\d+) pinned thread state\(s\) "
+                              r"released, (-?\d+) live", srv.log_text())
+
+        # The log is written as nbdkit closes each connection: wait until it
+        # names all 220.
+        try:
+            wait_for(lambda: len(closes()) >= 220, 10.0, "220 connection-closed log lines")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{srv.log_text()[-2000:]}") from None
+        found = closes()
+        released = [int(n) for n, _ in found]
+        live = [int(n) for _, n in found]
     assert len(released) == 220, srv.log_text()[-2000:]
     assert all(1 <= n <= threads for n in released), released
     # The interpreter's thread states: the main thread's and the closing

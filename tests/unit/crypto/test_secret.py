@@ -6,6 +6,8 @@ import pytest
 
 from blockcrypt.crypto.secret import Secret, disable_core_dumps
 
+from support.prereq import require
+
 
 def test_repr_and_str_redact():
     s = Secret(b"\x01\x02hunter2")
@@ -70,9 +72,9 @@ def test_read_exact_fd_short_raises_without_content():
 
 
 def test_memory_is_locked_when_allowed():
+    require(os.geteuid() == 0, "only root may always mlock (no RLIMIT_MEMLOCK)")
     s = Secret.random(64)
-    if os.geteuid() == 0:
-        assert s._locked  # root may always mlock
+    assert s._locked  # root may always mlock
 
 
 def test_disable_core_dumps_sets_not_dumpable(tmp_path):
@@ -95,8 +97,7 @@ def _locked_kib() -> int:
 
 def test_wiping_one_secret_keeps_page_neighbours_locked():
     """mlock does not nest: wiping one secret must not unlock another on the same page."""
-    if os.geteuid() != 0:
-        pytest.skip("mlock accounting needs an unlimited RLIMIT_MEMLOCK (root)")
+    require(os.geteuid() == 0, "mlock accounting needs an unlimited RLIMIT_MEMLOCK (root)")
     from blockcrypt.crypto import secret as mod
     secrets = [Secret.random(64) for _ in range(32)]  # small: many share pages
     shared = [s for s in secrets

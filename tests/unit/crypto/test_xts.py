@@ -1,4 +1,4 @@
-"""Tests of the AES-256-XTS sector cipher (blockcrypt/xts.py).
+"""Tests of the AES-256-XTS sector cipher (blockcrypt/crypto/xts/).
 
 Known answers come from IEEE 1619-2007 Annex B and NIST CAVP XTSGenAES256
 (files under tests/data/xts/, sources in their headers).  The cipher is also
@@ -21,8 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockcrypt import errors
+from blockcrypt.constants import SECTOR_SIZES
 from blockcrypt.crypto import xts
 from blockcrypt.crypto.secret import Secret
+from blockcrypt.crypto.xts import evp
 
 from support.prereq import require_tools
 
@@ -93,8 +95,8 @@ def test_ieee1619_annex_b(vec):
         # ... as the second sector of a two-sector request (per-sector path),
         two = c.encrypt(bytes(512) + pt, seq_no - 1)
         assert bytes(two[512:]) == ct
-        # ... and as sector 25 of a 40-sector request (the bulk path).
-        many = bytearray(os.urandom(40 * 512))
+        # ... and as sector 25 of a request long enough for the bulk path.
+        many = bytearray(os.urandom((xts.BULK_MIN_SECTORS + 12) * 512))
         many[25 * 512:26 * 512] = pt
         c.encrypt_into(many, many, seq_no - 25)
         assert bytes(many[25 * 512:26 * 512]) == ct
@@ -110,6 +112,139 @@ def test_nist_xtsgenaes256(vec):
     assert len(pt) * 8 == int(vec["DataUnitLen"])
     assert xts.xts_encrypt_unit(key, tweak16, pt) == ct
     assert xts.xts_decrypt_unit(key, tweak16, ct) == pt
+
+
+# -- known answers on every engine path ------------------------------------------------
+#
+# Which vector runs where, and why:
+# - IEEE 1619-2007 vectors 10-14 are 512-byte data units whose tweak is the data
+#   unit sequence number (0xff .. 0xffffffffff) as a 128-bit little-endian
+#   integer: exactly a 512-byte sector's plain64 tweak.  They run through every
+#   engine path that serves 512-byte sectors (ENGINE_PATHS), with the vector's
+#   sector alone, in the middle of a short request, as the last sector of the
+#   smallest bulk request, and on either side of a bulk chunk boundary
+#   (positions 511 and 512 need a sequence number >= 512, so vector 10, 0xff,
+#   skips those two).
+# - The NIST XTSGenAES256 excerpt has 256- and 384-bit data units and arbitrary
+#   128-bit tweaks: no sector size or 64-bit sector number fits them.  They run
+#   through the unit-level functions instead: pyca's (the reference engine's
+#   xts_encrypt_unit, test_nist_xtsgenaes256) and the libcrypto EVP calls the
+#   OpenSSL engine is built from (test_nist_vectors_through_the_evp_bindings),
+#   with the tweak set by EVP_CipherInit_ex and written through the live IV.
+# - No published vector has a 4096-byte data unit; the 4096-byte paths are
+#   checked against pyca and the openssl command line below.
+
+def _fail_fallback(buf, sector_index, encrypt):
+    raise AssertionError("the fast path handed a known-answer request to the generic path")
+
+
+def _engine_path(path: str, key: bytes, monkeypatch):
+    """``(crypt(buf, first_sector, encrypt), max_sectors, engine)`` for one
+    engine path, 512-byte sectors; ``crypt`` works in place on a bytearray."""
+    import ctypes
+    key_view = memoryview(bytearray(key))
+    if path == "reference":
+        eng = xts.ReferenceXts(key_view, 512)
+        return (lambda buf, first, enc: eng.crypt_into(memoryview(buf), memoryview(buf),
+                                                       len(buf), first, enc)), None, eng
+    if path == "auto":
+        c = xts.XtsCipher(Secret(key), 512, engine="auto")
+        assert c.engine_name == "openssl"
+        return ((lambda buf, first, enc: (c.encrypt_into if enc else c.decrypt_into)(
+            buf, buf, first)), None, c)
+    lib = evp.libcrypto()
+    if path == "openssl-init-iv":                  # EVP_CipherInit_ex per sector
+        monkeypatch.setattr(lib, "live_iv_works", False)
+    eng = xts.OpenSslXts(key_view, 512, lib)
+    if path in ("openssl-live-iv", "openssl-init-iv"):
+        return (lambda buf, first, enc: eng.crypt_into(memoryview(buf), memoryview(buf),
+                                                       len(buf), first, enc)), None, eng
+    in_place, at = eng.fast_paths(_fail_fallback)
+    below_bulk = xts.BULK_MIN_SECTORS - 1          # the fast paths' largest request
+    if path == "openssl-fast-in-place":
+        return (lambda buf, first, enc: in_place(memoryview(buf), first, enc)), below_bulk, eng
+    assert path == "openssl-fast-at"
+    return ((lambda buf, first, enc: at(ctypes.addressof(ctypes.c_char.from_buffer(buf)),
+                                        len(buf), first, enc)), below_bulk, eng)
+
+
+ENGINE_PATHS = ["reference", "openssl-live-iv", "openssl-init-iv", "openssl-fast-in-place",
+                "openssl-fast-at", "auto"]
+# (sectors in the request, position of the vector's sector in it)
+LAYOUTS = [(1, 0), (3, 1), (xts.BULK_MIN_SECTORS, xts.BULK_MIN_SECTORS - 1),
+           (xts.BULK_CHUNK_SECTORS + 8, xts.BULK_CHUNK_SECTORS - 1),
+           (xts.BULK_CHUNK_SECTORS + 8, xts.BULK_CHUNK_SECTORS)]
+
+
+@pytest.mark.parametrize("path", ENGINE_PATHS)
+@pytest.mark.parametrize("vec", IEEE, ids=lambda r: f"ieee-{r['Vector']}")
+def test_ieee_vectors_on_every_engine_path(vec, path, monkeypatch):
+    """Each IEEE 512-byte vector through each engine path of blockcrypt's own
+    engines (not only pyca): the reference engine, the OpenSSL engine's generic
+    path with the tweak written into the live IV and set per sector by
+    EVP_CipherInit_ex, its two per-request fast entry points, its numpy bulk
+    path (requests of >= BULK_MIN_SECTORS sectors, which must be taken), and
+    XtsCipher with engine="auto".  See the comment above for the vector choice."""
+    from blockcrypt.crypto.xts import bulk
+    key = bytes.fromhex(vec["Key"])
+    seq_no = int(vec["DataUnitSeqNo"], 16)
+    pt, ct = bytes.fromhex(vec["PT"]), bytes.fromhex(vec["CT"])
+    bulk_calls = []
+    real_bulk = bulk.bulk_512
+    monkeypatch.setattr(bulk, "bulk_512", lambda *a: (bulk_calls.append(1), real_bulk(*a)))
+    crypt, max_sectors, eng = _engine_path(path, key, monkeypatch)
+    ran = 0
+    for n, k in LAYOUTS:
+        if k > seq_no or (max_sectors is not None and n > max_sectors):
+            continue
+        ran += 1
+        data = bytearray(os.urandom(n * 512))
+        data[k * 512:(k + 1) * 512] = pt
+        buf = bytearray(data)
+        bulk_calls.clear()
+        crypt(buf, seq_no - k, True)
+        assert bytes(buf[k * 512:(k + 1) * 512]) == ct, (n, k)
+        takes_bulk = n >= xts.BULK_MIN_SECTORS and path != "reference"
+        assert bool(bulk_calls) == takes_bulk, (n, k)
+        crypt(buf, seq_no - k, False)
+        assert buf == data, (n, k)
+    assert ran == (2 if max_sectors else 3 if seq_no < 512 else 5)
+    if path == "openssl-init-iv":                  # really the per-sector-init way
+        assert eng._workers and all(iv is None for st in eng._workers
+                                    for _, iv in st.xts.values())
+    (eng.wipe if path == "auto" else eng.close)()
+
+
+@pytest.mark.parametrize("vec", NIST, ids=lambda r: f"nist-{r['COUNT']}")
+def test_nist_vectors_through_the_evp_bindings(vec):
+    """The NIST vectors (data units of 32 and 48 bytes, 128-bit tweaks) through
+    the libcrypto calls the OpenSSL engine is made of: an XTS context keyed by
+    LibCrypto.new_ctx, the tweak set by EVP_CipherInit_ex, then (where the live
+    IV works, as on these machines) written straight into the context's IV,
+    all 128 bits of it, and one EVP_CipherUpdate."""
+    import ctypes
+    lib = evp.libcrypto()
+    key = (ctypes.c_char * 64).from_buffer_copy(bytes.fromhex(vec["Key"]))
+    tweak16 = bytes.fromhex(vec["i"])
+    pt, ct = bytes.fromhex(vec["PT"]), bytes.fromhex(vec["CT"])
+    out = (ctypes.c_char * len(pt))()
+    outl = ctypes.c_int()
+    assert lib.live_iv_works
+    for encrypt, src, want in ((True, pt, ct), (False, ct, pt)):
+        ctx = lib.new_ctx(lib.aes_256_xts, ctypes.addressof(key), encrypt)
+        try:
+            iv = (ctypes.c_char * 16).from_buffer_copy(tweak16)
+            assert lib.init(ctx, None, None, None, ctypes.addressof(iv), -1) == 1
+            assert lib.update(ctx, out, ctypes.byref(outl), src, len(src)) == 1
+            assert (outl.value, out.raw) == (len(src), want)
+            live = lib.live_iv(ctx)                # resets the IV to zero, then ...
+            live[0] = int.from_bytes(tweak16[:8], "little")
+            live[1] = int.from_bytes(tweak16[8:], "little")
+            out[:] = bytes(len(src))
+            assert lib.update(ctx, out, ctypes.byref(outl), src, len(src)) == 1
+            assert out.raw == want
+        finally:
+            lib.free_ctx(ctx)
 
 
 # -- validation --------------------------------------------------------------------
@@ -150,7 +285,7 @@ def test_refuses_bad_sector_size(size):
     assert "512 or 4096" in str(exc.value)
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_refuses_bad_buffers_and_indexes(sector_size):
     c = xts.XtsCipher(random_key(), sector_size)
     for bad_len in (1, 16, sector_size - 16, sector_size + 16):
@@ -198,7 +333,7 @@ def test_encrypt_changes_data_and_depends_on_index():
 
 # -- cross-checks against pyca ------------------------------------------------------
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_matches_pyca_per_sector(sector_size):
     rng = random.Random(1619)
     key = random_key()
@@ -263,7 +398,7 @@ def test_spec_composition_matches_ieee_vector():
     assert got.hex() == vec["CT"]
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_matches_openssl_command_line(sector_size):
     require_tools("openssl")
     rng = random.Random(sector_size)
@@ -289,9 +424,9 @@ def test_matches_openssl_command_line(sector_size):
 # -- properties ------------------------------------------------------------------------
 
 _KEY = random_key()
-_CIPHERS = {s: xts.XtsCipher(_KEY, s) for s in xts.SECTOR_SIZES}
+_CIPHERS = {s: xts.XtsCipher(_KEY, s) for s in SECTOR_SIZES}
 
-sector_sizes = st.sampled_from(xts.SECTOR_SIZES)
+sector_sizes = st.sampled_from(SECTOR_SIZES)
 # Up to 40 sectors from the index: the last 4096-byte sector (tweak 8*i) must
 # stay within the 64-bit tweak range, i.e. index <= 2^61 - 40.
 indexes = st.one_of(st.integers(0, 2**20), st.integers(2**31, 2**33),
@@ -341,7 +476,7 @@ def test_auto_engine_is_openssl_here():
     assert xts.XtsCipher(random_key(), 512).engine_name == "openssl"
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_fast_matches_reference_on_random_requests(sector_size):
     """Thousands of random (sector_index, n_sectors) pairs, both directions."""
     rng = random.Random(7 + sector_size)
@@ -370,7 +505,7 @@ def test_fast_matches_reference_on_random_requests(sector_size):
         assert fast.decrypt(want, index) == data, (n, index)
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_fast_in_place_and_views(sector_size):
     key = random_key()
     fast, ref = _engines(key, sector_size)
@@ -396,7 +531,7 @@ def test_fast_in_place_and_views(sector_size):
 
 
 @pytest.mark.parametrize("engine", ["openssl", "reference"])
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_crypt_in_place_matches_encrypt_into(sector_size, engine):
     key = random_key()
     c = xts.XtsCipher(key, sector_size, engine=engine)
@@ -447,7 +582,7 @@ def test_fast_refuses_non_contiguous():
         fast.encrypt_into(memoryview(buf)[::2], bytearray(2048), 0)
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_threads_agree_with_reference(sector_size):
     """Several threads share one cipher, each with its own buffers."""
     import threading
@@ -532,7 +667,7 @@ def test_wipe_during_a_request_frees_its_worker_when_it_returns(monkeypatch):
         fast.encrypt(data, 3)
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_per_sector_path_with_and_without_the_live_iv(monkeypatch, sector_size):
     """Both ways of setting the tweak (written into the context's IV, or
     EVP_CipherInit_ex per sector) give the reference bytes."""
@@ -555,7 +690,7 @@ def test_per_sector_path_with_and_without_the_live_iv(monkeypatch, sector_size):
         assert all((iv is not None) == live for _, iv in worker.xts.values())
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_workers_are_pooled_not_kept_per_thread(sector_size):
     """Regression (nbdkit RSS grew with every request): nbdkit's Python plugin
     runs each callback in a fresh Python thread state, so anything kept per
@@ -612,7 +747,7 @@ def test_concurrent_requests_use_at_most_one_worker_each():
     assert sorted(map(id, engine._idle)) == sorted(map(id, engine._workers))
 
 
-@pytest.mark.parametrize("sector_size", xts.SECTOR_SIZES)
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_wipe_while_threads_encrypt(sector_size):
     """wipe() during concurrent requests: each request either completes
     correctly or raises StateError; never a crash or a wrong result."""
@@ -624,8 +759,9 @@ def test_wipe_while_threads_encrypt(sector_size):
     want = bytes(ref.encrypt(data, 99))
     outcomes = []
     deadline = time.monotonic() + 20
+    running = [threading.Event() for _ in range(3)]   # set after a worker's first request
 
-    def worker():
+    def worker(running):
         out = bytearray(len(data))
         while time.monotonic() < deadline:
             try:
@@ -634,11 +770,12 @@ def test_wipe_while_threads_encrypt(sector_size):
                 outcomes.append("wiped")
                 return
             outcomes.append("ok" if out == want else "WRONG")
+            running.set()
 
-    threads = [threading.Thread(target=worker) for _ in range(3)]
+    threads = [threading.Thread(target=worker, args=(ev,)) for ev in running]
     for th in threads:
         th.start()
-    time.sleep(0.05)
+    assert all(ev.wait(10) for ev in running)         # all three are encrypting now
     fast.wipe()
     for th in threads:
         th.join()
@@ -647,7 +784,7 @@ def test_wipe_while_threads_encrypt(sector_size):
 
 
 def test_falls_back_to_reference_without_libcrypto(monkeypatch):
-    monkeypatch.setattr(xts, "_LIBCRYPTO", None)      # as if libcrypto failed to load
+    monkeypatch.setattr(evp, "_LIBCRYPTO", None)      # as if libcrypto failed to load
     key = random_key()
     c = xts.XtsCipher(key, 4096)
     assert c.engine_name == "reference"

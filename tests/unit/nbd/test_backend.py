@@ -482,7 +482,7 @@ def test_fua_and_flush_reach_fdatasync(tmp_path, monkeypatch):
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
     with open_backend(path, dk, discard=True) as b:
-        fd = b._fd
+        fd = b.volume.fd
         b.pwrite(b"a" * 100, 10, fua=False)
         b.zero(4096, 0, may_trim=True, fua=False)
         assert synced == []
