@@ -48,7 +48,7 @@ class Installed:
 def pip(*args: str | Path, python: Path) -> None:
     cp = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", *map(str, args)],
                         capture_output=True, env=clean_env(), timeout=900,
-                        stdin=subprocess.DEVNULL)
+                        stdin=subprocess.DEVNULL, check=False)
     assert cp.returncode == 0, f"pip {args} failed:\n{cp.stdout.decode()}\n{cp.stderr.decode()}"
 
 
@@ -61,15 +61,16 @@ def installed(tmp_path_factory) -> Installed:
     shutil.copytree(REPO, src, ignore=NOT_SOURCE, symlinks=True)
     venv = top / "venv"
     cp = subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], capture_output=True,
-                        env=clean_env())
+                        env=clean_env(), check=False)
     require(cp.returncode == 0, f"/usr/bin/python3 -m venv failed (python3-venv?): "
                                 f"{cp.stderr.decode()}")
     python = venv / "bin" / "python"
     pip("wheel", "--no-deps", "--wheel-dir", top / "dist", src, python=python)
     wheel, = (top / "dist").glob("blockcrypt-*.whl")
     pip("install", wheel, python=python)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                           "['purelib'])"], capture_output=True, check=True, env=clean_env(),
+    site = subprocess.run([str(python), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, check=True, env=clean_env(),
                           cwd=top).stdout.decode().strip()
     return Installed(wheel, venv, Path(site))
 
@@ -101,7 +102,7 @@ def test_installed_wheel_creates_attaches_writes_and_reattaches_a_disk(installed
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         cp = subprocess.run([str(installed.exe), *args], capture_output=True, env=env,
-                            cwd=work, stdin=subprocess.DEVNULL, timeout=300)
+                            cwd=work, stdin=subprocess.DEVNULL, timeout=300, check=False)
         if check:
             assert cp.returncode == 0, (f"blockcrypt {' '.join(args)} exited {cp.returncode}: "
                                         f"{cp.stderr.decode()}")
@@ -110,8 +111,8 @@ def test_installed_wheel_creates_attaches_writes_and_reattaches_a_disk(installed
     # the installed package, not this checkout, is what the venv imports
     where = subprocess.run(
         [str(installed.venv / "bin" / "python"), "-c",
-         "import sys, blockcrypt; from blockcrypt.nbd.launch import plugin_path; "
-         "print(blockcrypt.__file__); print(plugin_path()); print(sys.path)"],
+         ("import sys, blockcrypt; from blockcrypt.nbd.launch import plugin_path; "
+          "print(blockcrypt.__file__); print(plugin_path()); print(sys.path)")],
         capture_output=True, check=True, env=env, cwd=work).stdout.decode().splitlines()
     package = installed.site_packages / "blockcrypt"
     assert where[0] == str(package / "__init__.py")

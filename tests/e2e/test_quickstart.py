@@ -37,9 +37,7 @@ def quick_start_commands(readme: str) -> list[str]:
     for line in lines:
         if line.startswith("    "):
             block.append(line[4:])
-        elif block and line.strip():
-            break
-        elif line.startswith("#"):
+        elif (block and line.strip()) or line.startswith("#"):
             break
     return [line for line in block if line.strip()]
 
@@ -121,5 +119,5 @@ def test_quick_start_runs_exactly_as_written(tmp_path):
     finally:
         for m in (mnt, mnt2):
             if os.path.ismount(m):
-                subprocess.run(["umount", "-l", str(m)], capture_output=True)
+                subprocess.run(["umount", "-l", str(m)], capture_output=True, check=False)
         teardown_home(home, cli)

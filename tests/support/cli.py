@@ -45,7 +45,7 @@ def run_shell(command: str, *, env: dict[str, str], cwd: Path, check: bool = Tru
               timeout: float = 300) -> subprocess.CompletedProcess:
     """Run one command line with `bash -c`, exactly as typed, in ``env`` only."""
     cp = subprocess.run(["/bin/bash", "-c", command], env=env, cwd=cwd, capture_output=True,
-                        stdin=subprocess.DEVNULL, timeout=timeout)
+                        stdin=subprocess.DEVNULL, timeout=timeout, check=False)
     if check and cp.returncode != 0:
         raise AssertionError(f"{command!r} exited {cp.returncode}\nstdout: {cp.stdout.decode()}"
                              f"\nstderr: {cp.stderr.decode()}")

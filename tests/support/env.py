@@ -8,8 +8,8 @@ import json
 import os
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from blockcrypt import errors
 from blockcrypt.cli import read_passphrase_file

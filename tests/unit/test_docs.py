@@ -47,7 +47,7 @@ for _cls in CLASSES.values():
     BY_CODE.setdefault(_cls.exit_code, []).append(_cls)
 
 EXIT_MENTION = re.compile(r"\bexit(?:s|ed|ing)?(?:\s+(?:with\s+)?(?:code|codes|status))?"
-                          r"\s*\(?\s*(\d{1,3})(?:\s*[-\u2013]\s*(\d{1,3}))?\b", re.I)
+                          r"\s*\(?\s*(\d{1,3})(?:\s*[-\u2013]\s*(\d{1,3}))?\b", re.IGNORECASE)
 TEST_REF = re.compile(r"(?<![\w/.-])(tests/[\w/.-]*?\.py)((?:::[\w\[\]-]+)+)?")
 BARE_REF = re.compile(r"(?<![\w/.)])((?:::[A-Za-z_][\w\[\]-]*)+)")
 TEST_DIR = re.compile(r"(?<![\w/.-])(tests/(?:[\w-]+/)+)(?![\w.])")
@@ -100,7 +100,7 @@ def errors_py_ranges() -> dict[tuple[int, int], str]:
     doc = errors.__doc__ or ""
     out = {}
     for m in re.finditer(r"^\s+(\d+(?:-\d+)?)\s{2,}(\S.*)$", doc.split("Exit code table", 1)[1],
-                         re.M):
+                         re.MULTILINE):
         out[code_range(m.group(1))] = m.group(2).strip()
     assert out, "no exit code table in blockcrypt/errors.py's docstring"
     return out
