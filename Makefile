@@ -1,9 +1,11 @@
 # blockcrypt — see README.md. Every target installs what is missing first.
 PY      := .venv/bin/python
 PYTEST  := $(PY) -m pytest
+LINK    := $(or $(BLOCKCRYPT_LINK),/usr/local/bin/blockcrypt)
 
 .PHONY: install test test-quick demo bench fuzz stress guest clean
 
+# Debian packages, .venv, and (as root) the link /usr/local/bin/blockcrypt -> .venv/bin/blockcrypt.
 install:
 	@scripts/install-deps.sh
 
@@ -30,5 +32,7 @@ stress: install
 guest: install
 	scripts/guest/build.sh
 
+# Also removes the /usr/local/bin/blockcrypt link that `make install` made, if it points here.
 clean:
+	@if [ "$$(readlink $(LINK))" = "$(CURDIR)/.venv/bin/blockcrypt" ]; then rm -f $(LINK); fi
 	rm -rf .venv build .pytest_cache .hypothesis

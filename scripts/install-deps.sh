@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Install what blockcrypt needs on Debian 12, skipping what is already there.
-#   scripts/install-deps.sh            system packages + .venv
+#   scripts/install-deps.sh            system packages + .venv + the `blockcrypt` link
 #   scripts/install-deps.sh --apt-only system packages only
 # System packages need root; a non-root user is told the exact apt command.
+# As root it also puts `blockcrypt` on PATH: a symlink $BLOCKCRYPT_LINK (default
+# /usr/local/bin/blockcrypt) to this checkout's .venv/bin/blockcrypt.  The link is
+# created or replaced only if it is absent or already points into a blockcrypt
+# virtualenv (another checkout's); anything else there is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,4 +47,27 @@ if [[ ! -f $stamp ]]; then
   "$VENV/bin/pip" install -q -e '.[test]'
   rm -f $VENV/.installed-*
   touch "$stamp"
+fi
+
+# Put `blockcrypt` on PATH (README's Quick start types it bare).
+LINK=${BLOCKCRYPT_LINK:-/usr/local/bin/blockcrypt}
+TARGET=$PWD/$VENV/bin/blockcrypt
+is_blockcrypt_venv_link() {   # a symlink to some venv's bin/blockcrypt (or a dangling one)
+  local to
+  [[ -L $1 ]] || return 1
+  to=$(readlink "$1")
+  [[ $to == /*/bin/blockcrypt ]] || return 1
+  [[ ! -e $to ]] || [[ -f ${to%/bin/blockcrypt}/pyvenv.cfg ]]
+}
+if [[ $(id -u) -ne 0 ]]; then
+  echo "blockcrypt: not root, so not linking $LINK; run $TARGET (or add $PWD/$VENV/bin to PATH)" >&2
+elif [[ $(readlink "$LINK" 2>/dev/null) == "$TARGET" ]]; then
+  :
+elif [[ ! -e $LINK && ! -L $LINK ]] || is_blockcrypt_venv_link "$LINK"; then
+  mkdir -p "$(dirname "$LINK")"
+  ln -sfn "$TARGET" "$LINK"
+  echo "blockcrypt: $LINK -> $TARGET"
+else
+  echo "blockcrypt: $LINK exists and is not a link to a blockcrypt virtualenv; left alone." >&2
+  echo "blockcrypt: run $TARGET instead, or remove $LINK and run make install again" >&2
 fi

@@ -30,3 +30,23 @@ def run_cli(*args, home: Path | None = None, passphrase_file: Path | None = None
         raise AssertionError(f"{argv} exited {cp.returncode}\nstdout: {cp.stdout.decode()}"
                              f"\nstderr: {cp.stderr.decode()}")
     return cp
+
+
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh root shell (as `env -i` plus a login would give):
+    nothing of the test process's own environment, so no PYTHONPATH, no venv."""
+    return {"PATH": CLEAN_PATH, "HOME": "/root", "LC_ALL": "C.UTF-8", **extra}
+
+
+def run_shell(command: str, *, env: dict[str, str], cwd: Path, check: bool = True,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one command line with `bash -c`, exactly as typed, in ``env`` only."""
+    cp = subprocess.run(["/bin/bash", "-c", command], env=env, cwd=cwd, capture_output=True,
+                        stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+    if check and cp.returncode != 0:
+        raise AssertionError(f"{command!r} exited {cp.returncode}\nstdout: {cp.stdout.decode()}"
+                             f"\nstderr: {cp.stderr.decode()}")
+    return cp

@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from blockcrypt import errors
@@ -90,14 +91,20 @@ class Env:
     def cleanup(self) -> None:
         for mp in reversed(self.mounts):
             subprocess.run(["umount", "-l", str(mp)], capture_output=True)
-        if (self.home / "blockcrypt.db").exists():
-            for d in json.loads(self.cli("disk", "list", "--json").stdout or "[]"):
-                if d["state"] != "available" and d["method"] != "serve":
-                    self.cli("disk", "detach", d["name"], check=False)
-        run = self.home / "run"
-        for pid in (proc.find_processes("nbdkit", f"{run}/")
-                    + proc.find_processes("nbdfuse", f"{run}/")):
-            proc.stop_process(pid, os.path.basename(proc.cmdline(pid)[0]), f"{run}/")
+        teardown_home(self.home, self.cli)
+
+
+def teardown_home(home: Path, cli: Callable[..., subprocess.CompletedProcess]) -> None:
+    """Detach every attached disk of ``home`` through ``cli`` (a CLI runner taking
+    ``check=``), then stop any nbdkit or nbdfuse still running from its run directory."""
+    if (home / "blockcrypt.db").exists():
+        for d in json.loads(cli("disk", "list", "--json").stdout or "[]"):
+            if d["state"] != "available" and d["method"] != "serve":
+                cli("disk", "detach", d["name"], check=False)
+    run = home / "run"
+    for pid in (proc.find_processes("nbdkit", f"{run}/")
+                + proc.find_processes("nbdfuse", f"{run}/")):
+        proc.stop_process(pid, os.path.basename(proc.cmdline(pid)[0]), f"{run}/")
 
 
 def sha256(path: Path) -> str:

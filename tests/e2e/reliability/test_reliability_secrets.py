@@ -53,6 +53,7 @@ from blockcrypt.system import proc
 from support.cli import REPO
 from support.env import Env, read_allocated
 from support.prereq import require, require_block_devices
+from support.wait import wait_for
 
 MiB = 2**20
 SCAN_MAX_BYTES = 256 * MiB      # bigger files under /tmp are not blockcrypt's (its are in the home)
@@ -167,20 +168,23 @@ def core_files(d: Path) -> list[Path]:
     return sorted(p for p in d.glob("core*"))
 
 
-def abort_with_cores_enabled(pid: int, cwd: Path) -> list[Path]:
-    """Raise pid's core limit, SIGABRT it, wait until it is gone; core files in cwd."""
+def abort_with_cores_enabled(pid: int, cwd: Path,
+                             child: subprocess.Popen | None = None) -> list[Path]:
+    """Raise pid's core limit, SIGABRT it, wait until it is gone; core files in cwd.
+
+    With a file core_pattern (the only kind that puts a core in cwd) the dying
+    process writes and closes its core itself, before it exits: once it is gone
+    (reaped by us if it is our ``child``, else by its parent) the file is complete.
+    """
     resource.prlimit(pid, resource.RLIMIT_CORE, (resource.RLIM_INFINITY,
                                                  resource.RLIM_INFINITY))
     os.kill(pid, signal.SIGABRT)
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        try:                                          # reap if it is our child
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
+    if child is not None:
+        assert child.wait(timeout=30) == -signal.SIGABRT, f"{pid} did not die of SIGABRT"
+    else:
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout_s=30,
+                 what=f"{pid} to die of SIGABRT")
     assert not Path(f"/proc/{pid}").exists(), f"{pid} did not die of SIGABRT"
-    time.sleep(0.5)                                   # the kernel writes the core on exit
     return core_files(cwd)
 
 
@@ -265,12 +269,11 @@ def test_no_secret_anywhere_after_a_full_workflow(home, passphrase_file, tmp_pat
             [sys.executable, "-c", "from blockcrypt.crypto.secret import disable_core_dumps; "
              "import time; disable_core_dumps(); print(flush=True); time.sleep(60)"],
             cwd=hardened_dir, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
-        hardened.stdout.readline()                         # it is non-dumpable now
-        time.sleep(0.2)
-        require(abort_with_cores_enabled(ordinary.pid, ordinary_dir) != [],
+        assert hardened.stdout.readline() == b"\n"           # it is non-dumpable now
+        require(abort_with_cores_enabled(ordinary.pid, ordinary_dir, ordinary) != [],
                 f"core dumps are not written to the crashing process's directory here "
                 f"(kernel.core_pattern={Path('/proc/sys/kernel/core_pattern').read_text()!r})")
-        assert abort_with_cores_enabled(hardened.pid, hardened_dir) == []
+        assert abort_with_cores_enabled(hardened.pid, hardened_dir, hardened) == []
         cores = abort_with_cores_enabled(pid, nbdkit_cwd)
         for c in cores:
             c.unlink()                                    # it may hold the key: never keep it
