@@ -104,8 +104,9 @@ class LifecycleService:
     """Snapshots and the disk operations built on them, for one home.
 
     ``conn`` is the catalog's connection and ``keys`` the
-    :class:`~blockcrypt.kms.provider.KeyProvider` for data keys.  ``disks`` is the :class:`blockcrypt.services.disks.DiskService` of
-    the same home (stale attachments, crash recovery of disk files).
+    :class:`~blockcrypt.kms.provider.KeyProvider` for data keys.  ``disks`` is the
+    :class:`~blockcrypt.services.disks.DiskService` of the same home (stale
+    attachments, crash recovery of disk files).
     """
 
     def __init__(self, home, conn: sqlite3.Connection, keys, disks: DiskService | None = None):

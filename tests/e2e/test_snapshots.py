@@ -26,6 +26,7 @@ from blockcrypt.storage.home import Home
 from blockcrypt.system import quiesce
 
 from support.cli import run_cli
+from support.nbdkit import connect, import_libnbd, serve_container
 from support.prereq import require_tools
 
 PASS = b"correct horse battery staple"
@@ -460,7 +461,6 @@ def test_delete_racing_a_create_between_commit_and_rename(tmp_path):
 @pytest.fixture
 def paused_server(tmp_path):
     require_tools("nbdkit")
-    from nbdkit_helpers import connect, import_libnbd, serve_container
     if import_libnbd() is None:
         pytest.fail("python3-libnbd is not installed")
     path = tmp_path / "c.bcd"
