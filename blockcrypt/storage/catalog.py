@@ -17,8 +17,14 @@ stale and is cleaned by the next disk command (see blockcrypt.services.disks).
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .. import errors
 from .db import register_schema
+
+if TYPE_CHECKING:
+    from .header import Header
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS disks (
@@ -67,6 +73,8 @@ register_schema("catalog", SCHEMA)
 
 DISK_COLUMNS = ("id", "name", "path", "size_bytes", "sector_size", "encrypted", "cmk_id",
                 "lineage_id", "discard", "source_snapshot_id", "created_at")
+SNAPSHOT_COLUMNS = ("id", "name", "disk_id", "disk_name", "path", "size_bytes", "sector_size",
+                    "encrypted", "cmk_id", "lineage_id", "created_at")
 ATTACHMENT_COLUMNS = ("disk_id", "state", "owner_pid", "owner_start", "device", "method",
                       "read_only", "nbdkit_pid", "helper_pid", "run_dir", "socket",
                       "control_socket", "attached_at")
@@ -79,6 +87,27 @@ def key_dependants(conn: sqlite3.Connection, key_id: str) -> list[str]:
         "UNION ALL SELECT 'snapshot ' || name FROM snapshots WHERE cmk_id = ? ORDER BY 1",
         (key_id, key_id)).fetchall()
     return [r[0] for r in rows]
+
+
+def check_header_matches(header: Header, row: sqlite3.Row, path: Path) -> None:
+    """Refuse a container whose identity or encryption contradicts its catalog row.
+
+    The header checksum is not a MAC (docs/FORMAT.md): someone with write access
+    could rewrite an encrypted disk's header as unencrypted, and a server would
+    then store every later write in plaintext.  The fields of an encrypted
+    header that matter to the key (lineage, CMK, geometry) are bound by the
+    key context, so tampering with them makes unwrapping fail; the id and the
+    encrypted flag are checked here, against the catalog.
+    """
+    if header.uid_hex != row["id"]:
+        raise errors.FormatError(path=str(path), reason=f"its id {header.uid_hex} is not the "
+                                 f"catalog's {row['id']} for {row['name']!r}")
+    if header.encrypted != bool(row["encrypted"]):
+        raise errors.FormatError(
+            path=str(path), reason=f"its header says {'en' if header.encrypted else 'un'}"
+            f"crypted but the catalog records {row['name']!r} as "
+            f"{'en' if row['encrypted'] else 'un'}crypted; the header was tampered with, so "
+            "the file is not used")
 
 
 # -- disks ----------------------------------------------------------------------
@@ -95,18 +124,32 @@ def list_disks(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     return conn.execute("SELECT * FROM disks ORDER BY name").fetchall()
 
 
-def insert_disk(conn: sqlite3.Connection, **row) -> None:
-    """Insert a disk row (call inside db.write_txn); keys are DISK_COLUMNS."""
-    unknown = set(row) - set(DISK_COLUMNS)
+def _insert(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], what: str,
+            row: dict) -> None:
+    """INSERT row into table; ValueError names any key that is not one of columns
+    (the keys are interpolated into the SQL, so only known column names pass)."""
+    unknown = set(row) - set(columns)
     if unknown:
-        raise ValueError(f"unknown disk columns {sorted(unknown)}")
+        raise ValueError(f"unknown {what} columns {sorted(unknown)}")
     cols = ", ".join(row)
     marks = ", ".join("?" for _ in row)
-    conn.execute(f"INSERT INTO disks ({cols}) VALUES ({marks})", tuple(row.values()))
+    conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(row.values()))
+
+
+def insert_disk(conn: sqlite3.Connection, **row) -> None:
+    """Insert a disk row (call inside db.write_txn); keys are DISK_COLUMNS."""
+    _insert(conn, "disks", DISK_COLUMNS, "disk", row)
 
 
 def delete_disk(conn: sqlite3.Connection, disk_id: str) -> None:
     conn.execute("DELETE FROM disks WHERE id = ?", (disk_id,))
+
+
+# -- snapshots --------------------------------------------------------------------
+
+def insert_snapshot(conn: sqlite3.Connection, **row) -> None:
+    """Insert a snapshot row (call inside db.write_txn); keys are SNAPSHOT_COLUMNS."""
+    _insert(conn, "snapshots", SNAPSHOT_COLUMNS, "snapshot", row)
 
 
 # -- attachments --------------------------------------------------------------
@@ -125,12 +168,7 @@ def insert_attachment(conn: sqlite3.Connection, **row) -> None:
     The PRIMARY KEY on disk_id makes a second claim on the same disk fail with
     sqlite3.IntegrityError: at most one attachment per disk, whatever races.
     """
-    unknown = set(row) - set(ATTACHMENT_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown attachment columns {sorted(unknown)}")
-    cols = ", ".join(row)
-    marks = ", ".join("?" for _ in row)
-    conn.execute(f"INSERT INTO attachments ({cols}) VALUES ({marks})", tuple(row.values()))
+    _insert(conn, "attachments", ATTACHMENT_COLUMNS, "attachment", row)
 
 
 def update_attachment(conn: sqlite3.Connection, disk_id: str, **changes) -> None:

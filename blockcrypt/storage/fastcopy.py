@@ -50,10 +50,6 @@ _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno
 _disable_reflink = False
 
 
-def _storage_error(path: os.PathLike | str, exc: OSError) -> errors.BlockcryptError:
-    return errors.storage_error(path, exc)
-
-
 def try_reflink(src_fd: int, dst_fd: int) -> bool:
     """Clone src into the (empty) dst with FICLONE; False if the file system cannot."""
     if _disable_reflink:
@@ -151,10 +147,8 @@ def copy_to_new(src: os.PathLike | str | int, dst: os.PathLike | str, *, src_off
     else:
         try:
             src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                raise errors.NotFound(what="file", name=os.fspath(src)) from None
-            raise _storage_error(src, exc) from None
+        except OSError as exc:             # ENOENT: NotFound
+            raise errors.storage_error(src, exc) from None
     try:
         dst_fd = create_private_file(dst)
         try:
@@ -170,7 +164,7 @@ def copy_to_new(src: os.PathLike | str | int, dst: os.PathLike | str, *, src_off
             except OSError:
                 pass
             if isinstance(exc, OSError):
-                raise _storage_error(dst, exc) from None
+                raise errors.storage_error(dst, exc) from None
             raise
         os.close(dst_fd)
         return method
@@ -197,7 +191,7 @@ def copy_file(src: os.PathLike | str, dst: os.PathLike | str, *, src_offset: int
     except FileExistsError:
         raise errors.AlreadyExists(what="file", name=str(dst_path)) from None
     except OSError as exc:
-        raise _storage_error(dst_path, exc) from None
+        raise errors.storage_error(dst_path, exc) from None
     finally:
         os.unlink(tmp)
     fsync_dir(dst_path.parent)

@@ -14,6 +14,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from .. import errors
+
 DEFAULT_ROOT_HOME = Path("/var/lib/blockcrypt")
 DB_NAME = "blockcrypt.db"
 
@@ -52,7 +54,6 @@ def create_private_file(path, what: str = "file") -> int:
 
     AlreadyExists if it exists; NoSpace / StorageError for other failures.
     """
-    from .. import errors
     try:
         with private_umask():
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
