@@ -46,10 +46,8 @@ file, unmount the fuse mount, remove the run directory and delete the row.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -186,6 +184,23 @@ class Attachments:
             catalog.delete_attachment(self.conn, disk_id)
 
     # -- attach / detach ----------------------------------------------------------------
+    def _wait_for_container_lock(self, disk: sqlite3.Row, *, exclusive: bool) -> None:
+        """Wait until the server could take the container's whole-file lock.
+
+        ``snapshot create`` copies a detached disk under a shared lock; the
+        plugin takes its lock without waiting and would fail to start.  Called
+        after the attachment is claimed: a snapshot that locks the file later sees
+        the claim and backs off (blockcrypt.services.snapshots), so the window in
+        which both could proceed is the instant between this check and nbdkit's own.
+        """
+        with self.disks.store.locked(self.disks.path_of(disk), exclusive=exclusive,
+                                     timeout_s=LOCK_WAIT_TIMEOUT_S) as lock:
+            if not lock.held:
+                raise errors.StateError(
+                    detail=f"disk {disk['name']!r} is busy (a snapshot is being copied, or "
+                           "another program holds its file); retry `blockcrypt disk "
+                           f"attach {disk['name']}` later")
+
     def attach(self, name: str, *, read_only: bool = False,
                threads: int | None = None) -> dict:
         """Attach the disk as a local block device; returns the description.
@@ -217,8 +232,7 @@ class Attachments:
                        sock=str(run_dir / NBD_SOCKET), control_socket=run_dir / CONTROL_SOCKET)
             crashpoint("disk-attach.after-claim")
             try:
-                _wait_for_container_lock(disks.path_of(disk), exclusive=not read_only,
-                                         name=name)
+                self._wait_for_container_lock(disk, exclusive=not read_only)
                 dk = disks.unwrap(disk, header)
                 ensure_private_dir(disks.home.run_dir)
                 ensure_private_dir(run_dir)
@@ -304,31 +318,3 @@ def _check_not_busy(name: str, device: str | None) -> None:
             f"disk {name!r} ({device}) is in use (mounted in another mount namespace "
             f"or claimed by another program); release it and retry",
             name=name, mountpoint=device)
-
-
-def _wait_for_container_lock(path: Path, *, exclusive: bool, name: str,
-                             timeout_s: float = LOCK_WAIT_TIMEOUT_S) -> None:
-    """Wait until the server could take the container's whole-file flock.
-
-    ``snapshot create`` copies a detached disk under a shared flock; the
-    plugin takes its lock without waiting and would fail to start.  Called
-    after the attachment is claimed: a snapshot that locks the file later sees
-    the claim and backs off (blockcrypt.services.snapshots), so the window in which
-    both could proceed is the instant between this check and nbdkit's own.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise errors.StateError(
-                        detail=f"disk {name!r} is busy (a snapshot is being copied, or "
-                               "another program holds its file); retry `blockcrypt disk "
-                               f"attach {name}` later") from None
-                time.sleep(0.1)
-    finally:
-        os.close(fd)

@@ -7,10 +7,13 @@ in this process while it is being generated or unwrapped, and in the nbdkit
 process serving the disk; it is never written to argv, the environment, a log
 or a file.
 
-Owns: the disk rows and the crash safety of create and delete.  It delegates
-attachments to :mod:`blockcrypt.services.attach` (claim, attach, detach, stale
-cleanup), ``disk serve`` to :mod:`blockcrypt.services.serve` and ``disk copy``
-to :mod:`blockcrypt.services.copy`; snapshots, reset and reinit are
+Owns: the disk rows and the crash safety of create and delete.  Containers are
+reached only through ``self.store``, a :class:`~blockcrypt.storage.store.Store`
+(today :class:`~blockcrypt.storage.file_store.FileStore`), so another store can
+be added without touching the services.  It delegates attachments to
+:mod:`blockcrypt.services.attach` (claim, attach, detach, stale cleanup),
+``disk serve`` to :mod:`blockcrypt.services.serve` and ``disk copy`` to
+:mod:`blockcrypt.services.copy`; snapshots, reset and reinit are
 :mod:`blockcrypt.services.snapshots`.
 
 Crash safety of create and delete (no orphan rows, no orphan files)
@@ -20,13 +23,14 @@ create: 1. write the container to ``disks/<id>.bcd.tmp-<pid>-<start>`` (fsynced)
         3. rename the file to ``disks/<id>.bcd`` and fsync the directory.
 delete: 1. in one write transaction: rename ``<id>.bcd`` to ``<id>.bcd.deleted``
            (or, if a create committed but has not renamed yet, its temp file:
-           :func:`doom`; the creator's rename then finds nothing, :func:`publish`),
+           ``Store.doom``; the creator's rename then finds nothing, ``Store.publish``),
            delete the row, commit;
         2. unlink ``<id>.bcd.deleted``.
 Snapshots (blockcrypt.services.snapshots) follow the same scheme under ``snapshots/``.
 So a ``<id>.bcd`` file always has a committed row, and recovery
 (:meth:`DiskService.recover_files`, run by every disk command, under the
-database write lock) only ever acts on the two marker names:
+database write lock; implemented by :mod:`blockcrypt.storage.publish`) only ever
+acts on the two marker names:
 - ``.tmp-<pid>-<start>`` whose creator is gone: with a row, the create committed,
   so finish it (rename); without one, it never committed, so remove the file;
   with a row *and* ``<id>.bcd`` present, it is the replacement an interrupted
@@ -39,18 +43,20 @@ missing: those are left to the operator.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .. import errors, names
 from ..constants import utc_timestamp
 from ..crypto.secret import Secret
 from ..kms.envelope import parse_wrapped
-from ..storage import catalog, container, db
-from ..storage.home import fsync_dir, private_umask
-from ..system import proc
+from ..storage import catalog, db
+from ..storage.file_store import FileStore
+from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
+from ..storage.store import Store
 from ..testing.crashpoints import crashpoint
 from . import copy as copy_service
 from . import serve as serve_service
@@ -58,8 +64,24 @@ from .attach import Attachments
 
 DEFAULT_SECTOR_SIZE = 4096
 
-_TMP_MARK = ".tmp-"
-_DELETED_MARK = ".deleted"
+
+@contextlib.contextmanager
+def publishing(store: Store, final: Path, *, after_commit: str) -> Iterator[Path]:
+    """The crash-safe create of a new container (see the module doc).
+
+    The block gets the staging location, builds the container there and commits
+    its catalog row.  If the block fails, the staged container is discarded; once
+    it succeeds: crash point ``after_commit``, then the container is published
+    under ``final`` (a delete that came in meanwhile has already taken it).
+    """
+    staged = store.staging(final)
+    try:
+        yield staged
+    except BaseException:
+        store.discard(staged)
+        raise
+    crashpoint(after_commit)
+    store.publish(staged, final)
 
 
 class DiskService:
@@ -67,18 +89,18 @@ class DiskService:
 
     ``conn`` is the catalog's SQLite connection; ``keys`` is the
     :class:`~blockcrypt.kms.provider.KeyProvider` that wraps and unwraps data
-    keys (the services never read key tables themselves).  ``attachments``
-    (:class:`~blockcrypt.services.attach.Attachments`) holds the attachment
-    rules and reads ``conn`` from here, so the one connection ``serve``
-    replaces is seen by both.
+    keys (the services never read key tables themselves).  ``store`` keeps the
+    containers (:class:`~blockcrypt.storage.file_store.FileStore` under the
+    home).  ``attachments`` (:class:`~blockcrypt.services.attach.Attachments`)
+    holds the attachment rules and reads ``conn`` from here, so the one
+    connection ``serve`` replaces is seen by both.
     """
 
     def __init__(self, home, conn: sqlite3.Connection, keys):
         self.home = home
         self.keys = keys
         self.conn: sqlite3.Connection = conn
-        self._pid = os.getpid()
-        self._start = proc.process_start_time(self._pid)
+        self.store: Store = FileStore(home.path)
         self.attachments = Attachments(self)
 
     # -- lookups --------------------------------------------------------------------
@@ -91,33 +113,34 @@ class DiskService:
         return row
 
     def path_of(self, disk: sqlite3.Row) -> Path:
-        return self.home.path / disk["path"]
+        """Where the store keeps the disk's container."""
+        return self.store.locate(disk["path"])
 
     def run_dir_of(self, name: str) -> Path:
         return self.home.run_dir / name
 
-    def read_header(self, disk: sqlite3.Row) -> container.Header:
+    def read_header(self, disk: sqlite3.Row) -> Header:
         """The disk's container header, checked against its catalog row."""
         path = self.path_of(disk)
-        if not path.exists():
+        if not self.store.exists(path):
             raise errors.StorageError(path=str(path),
                                       reason=f"the container of disk {disk['name']!r} is missing")
-        header = container.read_header(path)
-        check_header_matches(header, disk, path)
+        header = self.store.read_header(path)
+        catalog.check_header_matches(header, disk, path)
         return header
 
-    def unwrap(self, disk: sqlite3.Row, header: container.Header) -> Secret | None:
+    def unwrap(self, disk: sqlite3.Row, header: Header) -> Secret | None:
         """The plaintext DK of an encrypted disk (caller wipes), None if unencrypted.
         Key state is checked first so a disabled key fails before any work."""
         if not header.encrypted:
             return None
         self.keys.check_usable(header.cmk_id)
-        return self.keys.decrypt_data_key(header.wrapped_dk, container.key_context(header))
+        return self.keys.decrypt_data_key(header.wrapped_dk, key_context(header))
 
     # -- crash recovery of create/delete ---------------------------------------------
     def recover_files(self) -> list[str]:
         """Finish or undo interrupted creates/deletes (see module doc); returns actions."""
-        return recover_dir(self.conn, self.home.disks_dir, "disks")
+        return self.store.recover(self.conn, "disks")
 
     # -- create / list / show / delete ---------------------------------------------------
     def create(self, name: str, size_bytes: int, *, encrypted: bool = True,
@@ -134,7 +157,7 @@ class DiskService:
         names.check_size(size_bytes, sector_size)
         # The container's own limit (data offset + size < 2^63), checked before the
         # key store is touched (the service key is created on first use).
-        container.new_header(container.Kind.DISK, size_bytes, sector_size, encrypted=False)
+        new_header(Kind.DISK, size_bytes, sector_size, encrypted=False)
         if key_ref is not None and not encrypted:
             raise errors.InvalidInput(detail="--key names the CMK of an encrypted disk; "
                                              "it cannot be used with --no-encrypted")
@@ -143,28 +166,24 @@ class DiskService:
             raise errors.AlreadyExists(what="disk", name=name)
         self.home.create_dirs()
 
-        uid = os.urandom(16)
+        uid = os.urandom(ID_BYTES)
         if encrypted:
-            lineage = os.urandom(16)  # a data key's lineage; unencrypted disks have none
+            lineage = os.urandom(ID_BYTES)  # a data key's lineage; unencrypted disks have none
             key = self.keys.get_key(key_ref) if key_ref else self.keys.default_key()
-            header = container.new_header(container.Kind.DISK, size_bytes, sector_size,
-                                          encrypted=True, uid=uid, cmk_id=key["id"],
-                                          lineage_id=lineage)
-            dk, wrapped = self.keys.generate_data_key(key["id"], container.key_context(header))
+            header = new_header(Kind.DISK, size_bytes, sector_size, encrypted=True, uid=uid,
+                                cmk_id=key["id"], lineage_id=lineage)
+            dk, wrapped = self.keys.generate_data_key(key["id"], key_context(header))
             dk.wipe()  # create needs only the wrapped form
             header = header.replace(wrapped_dk=wrapped,
                                     cmk_version=parse_wrapped(wrapped).key_version)
         else:
-            header = container.new_header(container.Kind.DISK, size_bytes, sector_size,
-                                          encrypted=False, uid=uid)
+            header = new_header(Kind.DISK, size_bytes, sector_size, encrypted=False, uid=uid)
 
         rel_path = f"disks/{header.uid_hex}.bcd"
-        final = self.home.path / rel_path
-        tmp = final.with_name(f"{final.name}{_TMP_MARK}{self._pid}-{self._start}")
-        with private_umask():
-            container.create_container(tmp, header)
-        crashpoint("disk-create.after-file")
-        try:
+        with publishing(self.store, self.store.locate(rel_path),
+                        after_commit="disk-create.after-row") as tmp:
+            self.store.create(tmp, header)
+            crashpoint("disk-create.after-file")
             with db.write_txn(self.conn):
                 if catalog.get_disk(self.conn, name) is not None:
                     raise errors.AlreadyExists(what="disk", name=name)
@@ -175,11 +194,6 @@ class DiskService:
                     discard=int(discard), source_snapshot_id=None, created_at=utc_timestamp())
                 row = catalog.get_disk_by_id(self.conn, header.uid_hex)
                 crashpoint("disk-create.in-txn")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        crashpoint("disk-create.after-row")
-        publish(tmp, final)
         return self.describe(row, None)   # as created (a delete may already follow)
 
     def describe(self, disk: sqlite3.Row, att: sqlite3.Row | None, stale: bool = False) -> dict:
@@ -217,18 +231,16 @@ class DiskService:
         self.recover_files()
         disk = self.disk_row(name)
         self.cleanup_stale(disk["id"])
-        d = self.home.disks_dir
         with db.write_txn(self.conn):
             disk = self.disk_row(name)
             att = catalog.get_attachment(self.conn, disk["id"])
             if att is not None:
                 raise self.in_use_error(disk["name"], att)
-            doomed = doom(self.path_of(disk))
+            doomed = self.store.doom(self.path_of(disk))
             catalog.delete_disk(self.conn, disk["id"])
             crashpoint("disk-delete.in-txn")
         crashpoint("disk-delete.after-row")
-        doomed.unlink(missing_ok=True)
-        fsync_dir(d)
+        self.store.remove(doomed)
 
     # -- attachments, serve and copy (delegated) ------------------------------------------
     def in_use_error(self, name: str, att: sqlite3.Row) -> errors.DiskAttached:
@@ -261,109 +273,3 @@ class DiskService:
     def copy(self, src_name: str, dst_name: str, *, progress: bool = False) -> dict:
         """Copy SRC's files onto DST, both detached (:func:`.copy.copy_files`)."""
         return copy_service.copy_files(self, src_name, dst_name, progress=progress)
-
-
-def publish(tmp: Path, final: Path) -> bool:
-    """Rename a committed container from its temp name to its final name and
-    fsync the directory; False if a concurrent delete took it first (see doom)."""
-    try:
-        os.rename(tmp, final)
-    except FileNotFoundError:
-        return False
-    fsync_dir(final.parent)
-    return True
-
-
-def doom(final: Path) -> Path:
-    """Move a container out of the way of its delete (inside the delete's write
-    transaction): ``<id>.bcd`` -> ``<id>.bcd.deleted``.  A create commits its row
-    before it renames its temp file into place, so if ``<id>.bcd`` is not there
-    yet, its committed temp file is taken instead (the creator's rename then
-    finds nothing and leaves it).  Returns the ``.deleted`` path to unlink
-    after the commit."""
-    doomed = final.with_name(final.name + _DELETED_MARK)
-    for _ in range(100):
-        try:
-            os.rename(final, doomed)
-            return doomed
-        except FileNotFoundError:
-            pass
-        temps = sorted(final.parent.glob(final.name + _TMP_MARK + "*"))
-        if not temps:
-            return doomed       # no file at all (left to the operator): drop the row
-        try:
-            os.rename(temps[0], doomed)
-            return doomed
-        except FileNotFoundError:
-            continue            # the creator renamed it just now: take <id>.bcd
-    raise errors.StateError(detail=f"{final.name} keeps changing; retry the delete")
-
-
-def recover_dir(conn: sqlite3.Connection, d: Path, table: str) -> list[str]:
-    """Finish or undo interrupted creates/deletes of the containers in d whose
-    rows live in table (``disks`` or ``snapshots``); see the module doc.
-    Runs under the database write lock; returns what it did."""
-    assert table in ("disks", "snapshots")   # interpolated into SQL below
-    try:
-        pending = [n for n in os.listdir(d) if _TMP_MARK in n or n.endswith(_DELETED_MARK)]
-    except FileNotFoundError:
-        return []
-    if not pending:
-        return []
-    actions = []
-    with db.write_txn(conn):
-        for fname in pending:
-            path = d / fname
-            if not path.exists():
-                continue  # someone else recovered it meanwhile
-            obj_id = fname.split(".", 1)[0]
-            final = d / f"{obj_id}.bcd"
-            has_row = conn.execute(f"SELECT 1 FROM {table} WHERE id = ?",
-                                   (obj_id,)).fetchone() is not None
-            if _TMP_MARK in fname:
-                owner = fname.split(_TMP_MARK, 1)[1].split("-")
-                try:
-                    pid, start = int(owner[0]), int(owner[1])
-                except (IndexError, ValueError):
-                    continue  # not ours: leave it
-                if proc.process_alive(pid, start):
-                    continue  # a create in progress
-                if has_row and not final.exists():
-                    os.rename(path, final)
-                    actions.append(f"completed creation of {final.name}")
-                elif not has_row:
-                    path.unlink()
-                    actions.append(f"removed unfinished {fname}")
-                else:  # row and file both exist: a reset/reinit that never swapped
-                    path.unlink()
-                    actions.append(f"removed unfinished replacement {fname}")
-            else:
-                if has_row and not final.exists():
-                    os.rename(path, final)
-                    actions.append(f"restored {final.name} (delete did not commit)")
-                elif not has_row:
-                    path.unlink()
-                    actions.append(f"removed deleted {fname}")
-        fsync_dir(d)
-    return actions
-
-
-def check_header_matches(header: container.Header, row: sqlite3.Row, path: Path) -> None:
-    """Refuse a container whose identity or encryption contradicts its catalog row.
-
-    The header checksum is not a MAC (docs/FORMAT.md): someone with write access
-    could rewrite an encrypted disk's header as unencrypted, and a server would
-    then store every later write in plaintext.  The fields of an encrypted
-    header that matter to the key (lineage, CMK, geometry) are bound by the
-    key context, so tampering with them makes unwrapping fail; the id and the
-    encrypted flag are checked here, against the catalog.
-    """
-    if header.uid_hex != row["id"]:
-        raise errors.FormatError(path=str(path), reason=f"its id {header.uid_hex} is not the "
-                                 f"catalog's {row['id']} for {row['name']!r}")
-    if header.encrypted != bool(row["encrypted"]):
-        raise errors.FormatError(
-            path=str(path), reason=f"its header says {'en' if header.encrypted else 'un'}"
-            f"crypted but the catalog records {row['name']!r} as "
-            f"{'en' if row['encrypted'] else 'un'}crypted; the header was tampered with, so "
-            "the file is not used")

@@ -441,7 +441,7 @@ def test_kill_at_every_step_leaves_nothing_behind(env, tmp_path):
 def test_delete_racing_a_create_between_commit_and_rename(tmp_path):
     """A create commits its row, then renames its temp file; a delete that runs in
     between takes the temp file, and the creator's rename then leaves it."""
-    from blockcrypt.services.disks import doom, publish
+    from blockcrypt.storage.publish import doom, publish
     final = tmp_path / "abc.bcd"
     tmp = tmp_path / "abc.bcd.tmp-123-456"
     tmp.write_bytes(b"container")
