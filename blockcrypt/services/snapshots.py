@@ -1,5 +1,11 @@
 """Snapshots, disks from snapshots, reset and re-initialise: a disk's lifecycle.
 
+Owns the snapshot rows and the operations that build a container from another
+(snapshot create, disk create --from-snapshot, disk reset/reinit).  It must not
+touch attachments itself (it asks :class:`~blockcrypt.services.disks.DiskService`
+to clean stale ones and to name a disk in use) nor reach containers except
+through the store.
+
 The rules (the cloud disk-encryption model blockcrypt follows):
 
 - A snapshot holds the disk's data exactly as stored (ciphertext for an

@@ -1,5 +1,8 @@
 """Quiesce an attached disk's I/O through nbdkit's ``pause`` filter.
 
+Owns the client side of the filter's control socket; it starts no process and
+knows nothing of disks, the catalog or containers.
+
 nbdkit is always started with ``--filter=pause pause-control=SOCKET`` (see
 :func:`blockcrypt.system.commands.nbdkit_argv`).  The control protocol
 (nbdkit-pause-filter(1)) is one byte each way: ``p`` pauses and is answered

@@ -262,7 +262,8 @@ def test_every_refusal_has_its_class_and_changes_nothing(env, tmp_path):
     before = _state(env)
 
     cases = [
-        (errors.ConversionRefused, ["disk", "create", "x", "--from-snapshot", "es", "--no-encrypted"]),
+        (errors.ConversionRefused,
+         ["disk", "create", "x", "--from-snapshot", "es", "--no-encrypted"]),
         (errors.ConversionRefused, ["disk", "create", "x", "--from-snapshot", "ps", "--encrypted"]),
         (errors.ConversionRefused, ["disk", "create", "x", "--from-snapshot", "ps", "--key", "k1"]),
         (errors.CmkChangeRefused, ["disk", "create", "x", "--from-snapshot", "es", "--key", "k2"]),
