@@ -13,6 +13,10 @@ attach`` or ``disk serve``).  Its ``state`` moves ``attaching`` -> ``attached``
 -> ``detaching`` -> (row deleted); ``owner_pid`` is the CLI process changing it
 (or, for ``serve``, running the server).  A row whose processes are gone is
 stale and is cleaned by the next disk command (see blockcrypt.services.disks).
+
+This module owns these tables and their queries, and the check that a
+header agrees with its row (:func:`check_header_matches`); it must not open
+containers, nor know of keys beyond a CMK id.
 """
 from __future__ import annotations
 

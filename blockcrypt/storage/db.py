@@ -5,6 +5,9 @@ crash), and every write runs inside ``BEGIN IMMEDIATE`` (see :func:`write_txn`)
 so concurrent CLI invocations serialise on the write lock instead of failing
 half-way.  Each subsystem registers its own DDL with :func:`register_schema`;
 :func:`connect` applies them all (``CREATE TABLE IF NOT EXISTS``).
+
+This module owns the connection and the transaction discipline; the tables
+belong to the modules that register them, and it must not query them.
 """
 from __future__ import annotations
 

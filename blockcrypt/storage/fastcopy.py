@@ -20,6 +20,9 @@ changes underneath is not a point-in-time image.
 :func:`copy_to_new` writes a new file (``O_EXCL``, 0600, removed again on
 failure); :func:`copy_file` adds an atomic rename: the destination appears
 complete or not at all.
+
+This module owns how bytes get copied; it must not read headers, choose
+names or take locks: the caller (:mod:`.file_store`) does.
 """
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ Layout under the home directory (every directory 0700, every file 0600):
     snapshots/<id>.bcd     one container file per snapshot
     run/<disk-name>/       runtime state of an attached/served disk
                            (nbdkit socket, pid file, log, fuse mount point)
+
+This module owns that layout and the private-file helpers; it must not open
+the database or a container.
 """
 from __future__ import annotations
 
