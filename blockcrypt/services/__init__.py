@@ -1,6 +1,14 @@
-"""Services: what the CLI asks for (disks, attach/serve, copy, snapshots).
+"""Services: what the CLI asks for.
 
-They talk to key providers through :mod:`blockcrypt.kms.provider`, to storage
-through :mod:`blockcrypt.storage`, to processes through :mod:`blockcrypt.system`;
-never to the user (that is :mod:`blockcrypt.cli`).
+- :mod:`.disks`: DiskService, create/list/show/delete disks, and the facade for
+  attach, detach, serve and copy;
+- :mod:`.attach`: attachment rows (claim, attach, detach, stale cleanup);
+- :mod:`.runtime`: the nbdkit process and block device behind an attachment;
+- :mod:`.serve`: ``disk serve`` and its TCP/TLS rules;
+- :mod:`.copy`: ``disk copy`` (mount + rsync between two disks);
+- :mod:`.snapshots`: LifecycleService, snapshots, disks from snapshots, reset, reinit.
+
+They talk to key providers through :mod:`blockcrypt.kms.provider`, to containers
+through a :class:`blockcrypt.storage.store.Store`, to processes through
+:mod:`blockcrypt.system`; never to the user (that is :mod:`blockcrypt.cli`).
 """

@@ -1,5 +1,11 @@
 """Snapshots, disks from snapshots, reset and re-initialise: a disk's lifecycle.
 
+Owns the snapshot rows and the operations that build a container from another
+(snapshot create, disk create --from-snapshot, disk reset/reinit).  It must not
+touch attachments itself (it asks :class:`~blockcrypt.services.disks.DiskService`
+to clean stale ones and to name a disk in use) nor reach containers except
+through the store.
+
 The rules (the cloud disk-encryption model blockcrypt follows):
 
 - A snapshot holds the disk's data exactly as stored (ciphertext for an
@@ -34,7 +40,12 @@ The rules (the cloud disk-encryption model blockcrypt follows):
   image of its data area; exporting an encrypted one is refused
   (:class:`~blockcrypt.errors.ExportRefused`).
 
-Crash safety (same scheme as disk create/delete in :mod:`blockcrypt.services.disks`):
+Containers are reached only through the disk service's store
+(:class:`~blockcrypt.storage.store.Store`): copies are ``Store.clone``, header
+updates ``Store.write_header``, locks ``Store.locked``.
+
+Crash safety (same scheme as disk create/delete in :mod:`blockcrypt.services.disks`,
+the steps of :mod:`blockcrypt.storage.publish`):
 a new container is written as ``<id>.bcd.tmp-<pid>-<start>`` (copied,
 header rewritten, fsynced), then its catalog row is committed, then it is
 renamed to ``<id>.bcd``.  Delete renames the file to ``<id>.bcd.deleted`` and
@@ -48,7 +59,7 @@ attach either comes first (and the reset is refused) or serves the new file.
 """
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import os
 import sqlite3
 import time
@@ -57,12 +68,12 @@ from pathlib import Path
 from .. import errors, names
 from ..constants import utc_timestamp
 from ..kms.envelope import parse_wrapped
-from ..storage import catalog, container, db, fastcopy
-from ..storage.container import Header, Kind
-from ..storage.home import fsync_dir, private_umask
-from ..system import proc, quiesce
+from ..storage import catalog, db
+from ..storage.file_store import allocated_bytes
+from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
+from ..system import quiesce
 from ..testing.crashpoints import crashpoint
-from .disks import _TMP_MARK, DiskService, check_header_matches, doom, publish, recover_dir
+from .disks import DiskService, publishing
 
 # How long a command waits for a concurrent one to settle: an attach in progress
 # (it holds the container before its row says 'attached'), or a snapshot create
@@ -77,15 +88,6 @@ def disk_lineage(disk: sqlite3.Row) -> str:
     return disk["lineage_id"] or disk["id"]
 
 
-def allocated_bytes(path: Path) -> int:
-    """Bytes allocated to the file (st_blocks): holes are not counted; extents
-    shared by reflink count in every file that shares them."""
-    try:
-        return os.stat(path).st_blocks * 512
-    except FileNotFoundError:
-        return 0
-
-
 def get_snapshot(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
     names.validate_name(name, "snapshot")
     row = conn.execute("SELECT * FROM snapshots WHERE name = ?", (name,)).fetchone()
@@ -94,18 +96,14 @@ def get_snapshot(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
     return row
 
 
-def _insert_snapshot(conn: sqlite3.Connection, **row) -> None:
-    cols = ", ".join(row)
-    marks = ", ".join("?" for _ in row)
-    conn.execute(f"INSERT INTO snapshots ({cols}) VALUES ({marks})", tuple(row.values()))
-
-
 class LifecycleService:
     """Snapshots and the disk operations built on them, for one home.
 
     ``conn`` is the catalog's connection and ``keys`` the
-    :class:`~blockcrypt.kms.provider.KeyProvider` for data keys.  ``disks`` is the :class:`blockcrypt.services.disks.DiskService` of
-    the same home (stale attachments, crash recovery of disk files).
+    :class:`~blockcrypt.kms.provider.KeyProvider` for data keys.  ``disks`` is the
+    :class:`~blockcrypt.services.disks.DiskService` of the same home (stale
+    attachments, crash recovery of disk files); its ``store`` keeps the
+    snapshots' containers too.
     """
 
     def __init__(self, home, conn: sqlite3.Connection, keys, disks: DiskService | None = None):
@@ -114,16 +112,13 @@ class LifecycleService:
         self.home = home
         self.keys = keys
         self.disks = disks
+        self.store = disks.store
         self.conn: sqlite3.Connection = conn
-        self._pid = os.getpid()
-        self._start = proc.process_start_time(self._pid)
 
     # -- paths ------------------------------------------------------------------
     def path_of(self, row: sqlite3.Row) -> Path:
-        return self.home.path / row["path"]
-
-    def _tmp_for(self, final: Path) -> Path:
-        return final.with_name(f"{final.name}{_TMP_MARK}{self._pid}-{self._start}")
+        """Where the store keeps the container of a disk or snapshot row."""
+        return self.store.locate(row["path"])
 
     # -- crash recovery -----------------------------------------------------------
     def recover_files(self) -> list[str]:
@@ -135,7 +130,7 @@ class LifecycleService:
         interrupted reset/reinit): :meth:`DiskService.recover_files`.
         """
         actions = self.disks.recover_files()
-        actions += recover_dir(self.conn, self.home.snapshots_dir, "snapshots")
+        actions += self.store.recover(self.conn, "snapshots")
         return actions
 
     # -- building containers ----------------------------------------------------
@@ -144,8 +139,8 @@ class LifecycleService:
         """Turn tmp, a copy of source's container (a disk or snapshot row), into a
         container of its own: kind, new uid, size (growth only), and the same DK
         re-wrapped for the new key context."""
-        old = container.read_header(tmp)
-        check_header_matches(old, source, self.path_of(source))
+        old = self.store.read_header(tmp)
+        catalog.check_header_matches(old, source, self.path_of(source))
         new = old.replace(kind=kind, uid=uid,
                           size_bytes=old.size_bytes if size_bytes is None else size_bytes)
         if new.size_bytes < old.size_bytes:
@@ -154,49 +149,44 @@ class LifecycleService:
                                             f"{old.size_bytes} bytes")
         names.check_size(new.size_bytes, new.sector_size)
         if new.size_bytes > old.size_bytes:
-            os.truncate(tmp, new.file_size_bytes)
+            self.store.reserve(tmp, new)
         if old.encrypted:
-            wrapped = self.keys.reencrypt_data_key(old.wrapped_dk, container.key_context(old),
-                                                    container.key_context(new))
+            wrapped = self.keys.reencrypt_data_key(old.wrapped_dk, key_context(old),
+                                                    key_context(new))
             new = new.replace(wrapped_dk=wrapped, cmk_version=parse_wrapped(wrapped).key_version)
         crashpoint("lifecycle.after-rewrap")
-        return container.write_header(tmp, new)
+        return self.store.write_header(tmp, new)
 
     def _copy_disk(self, disk: sqlite3.Row, dst: Path) -> tuple[str, bool]:
         """Copy a disk's container to dst, consistently; returns (method, quiesced).
 
-        Detached (or attached read-only): under a shared flock, which a
+        Detached (or attached read-only): under a shared lock, which a
         read-write server cannot take meanwhile.  Attached read-write: with
         I/O paused through the pause filter's control socket.
         """
         src = self.path_of(disk)
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
-            try:
-                fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
-                    raise errors.DiskNotFound(name=disk["name"]) from None   # deleted
-                raise errors.StorageError(path=str(src), reason=f"the container of disk "
-                                          f"{disk['name']!r} is missing") from None
-            try:   # copy from this descriptor: the very file that was locked
+            with contextlib.ExitStack() as stack:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    locked = True
-                except BlockingIOError:
-                    locked = False             # a read-write server holds it
+                    lock = stack.enter_context(self.store.locked(src, exclusive=False))
+                except errors.NotFound:
+                    if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
+                        raise errors.DiskNotFound(name=disk["name"]) from None   # deleted
+                    raise errors.StorageError(path=str(src), reason=f"the container of disk "
+                                              f"{disk['name']!r} is missing") from None
+                # copy from this handle: the very container that was locked; not
+                # held means a read-write server holds it
                 att = catalog.get_attachment(self.conn, disk["id"])
-                if locked and (att is None or att["state"] == "attached"):
+                if lock.held and (att is None or att["state"] == "attached"):
                     # detached, or attached read-only: nothing writes meanwhile
-                    return fastcopy.copy_to_new(fd, dst), False
+                    return self.store.clone(lock, dst), False
                 # (an attach that has claimed the disk gets the file first: back off)
-                if not locked and att is not None and att["state"] == "attached" \
+                if not lock.held and att is not None and att["state"] == "attached" \
                         and att["control_socket"]:
                     with quiesce.paused(att["control_socket"]):
                         crashpoint("snapshot.paused")
-                        return fastcopy.copy_to_new(fd, dst), True
-            finally:
-                os.close(fd)
+                        return self.store.clone(lock, dst), True
             if time.monotonic() > deadline:
                 raise errors.StateError(detail=f"disk {disk['name']!r} is in use but not "
                                         "attached through blockcrypt (or still being "
@@ -210,13 +200,12 @@ class LifecycleService:
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
             try:
-                return fastcopy.copy_to_new(path, dst)
+                return self.store.clone(path, dst)
             except errors.NotFound:
                 if self._snapshot_row(snap["name"]) is None:
                     raise errors.SnapshotNotFound(name=snap["name"]) from None  # deleted
                 # committed, and its creator is about to rename it into place
-                if not list(path.parent.glob(path.name + _TMP_MARK + "*")) \
-                        or time.monotonic() > deadline:
+                if not self.store.pending(path) or time.monotonic() > deadline:
                     raise
             time.sleep(0.05)
 
@@ -232,11 +221,10 @@ class LifecycleService:
             raise errors.AlreadyExists(what="snapshot", name=snap_name)
         self.home.create_dirs()
 
-        uid = os.urandom(container.ID_BYTES)
+        uid = os.urandom(ID_BYTES)
         rel_path = f"snapshots/{uid.hex()}.bcd"
-        final = self.home.path / rel_path
-        tmp = self._tmp_for(final)
-        try:
+        with publishing(self.store, self.store.locate(rel_path),
+                        after_commit="snapshot.after-commit") as tmp:
             method, quiesced = self._copy_disk(disk, tmp)
             crashpoint("snapshot.after-copy")
             header = self._derive(tmp, disk, kind=Kind.SNAPSHOT, uid=uid)
@@ -244,17 +232,12 @@ class LifecycleService:
             with db.write_txn(self.conn):
                 if self._snapshot_row(snap_name) is not None:
                     raise errors.AlreadyExists(what="snapshot", name=snap_name)
-                _insert_snapshot(
+                catalog.insert_snapshot(
                     self.conn, id=header.uid_hex, name=snap_name, disk_id=disk["id"],
                     disk_name=disk["name"], path=rel_path, size_bytes=header.size_bytes,
                     sector_size=header.sector_size, encrypted=int(header.encrypted),
                     cmk_id=header.cmk_id, lineage_id=disk_lineage(disk), created_at=utc_timestamp())
                 row = self._snapshot_row(snap_name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        crashpoint("snapshot.after-commit")
-        publish(tmp, final)
         out = self._describe_snapshot(row)      # as created (a delete may already follow)
         out.update(copy_method=method, quiesced=quiesced)
         return out
@@ -271,7 +254,8 @@ class LifecycleService:
             "path": str(path), "size_bytes": row["size_bytes"],
             "sector_size": row["sector_size"], "encrypted": bool(row["encrypted"]),
             "cmk_id": row["cmk_id"], "lineage_id": row["lineage_id"],
-            "allocated_bytes": allocated_bytes(path), "created_at": row["created_at"],
+            "allocated_bytes": self.store.allocated_bytes(path),
+            "created_at": row["created_at"],
         }
 
     def list_snapshots(self, disk_name: str | None = None) -> list[dict]:
@@ -295,11 +279,10 @@ class LifecycleService:
         with db.write_txn(self.conn):
             row = get_snapshot(self.conn, name)
             path = self.path_of(row)
-            doomed = doom(path)
+            doomed = self.store.doom(path)
             self.conn.execute("DELETE FROM snapshots WHERE id = ?", (row["id"],))
         crashpoint("snapshot-delete.after-commit")
-        doomed.unlink(missing_ok=True)
-        fsync_dir(path.parent)
+        self.store.remove(doomed)
         return {"name": row["name"], "id": row["id"], "deleted": True}
 
     def export_snapshot(self, name: str, dest: Path) -> dict:
@@ -312,14 +295,14 @@ class LifecycleService:
         if row["encrypted"]:
             raise errors.ExportRefused(name=name)
         src = self.path_of(row)
-        header = container.read_header(src, repair=False)
+        header = self.store.read_header(src, repair=False)
         if header.encrypted:   # the catalog and the header disagree: trust the stricter
             raise errors.ExportRefused(name=name)
         dest = Path(dest)
         if dest.exists() or dest.is_symlink():
             raise errors.AlreadyExists(what="file", name=str(dest))
-        method = fastcopy.copy_file(src, dest, src_offset=header.data_offset,
-                                    length=header.size_bytes)
+        method = self.store.export(src, dest, offset=header.data_offset,
+                                   length=header.size_bytes)
         return {"name": name, "file": str(dest), "size_bytes": header.size_bytes,
                 "allocated_bytes": allocated_bytes(dest), "copy_method": method}
 
@@ -345,7 +328,7 @@ class LifecycleService:
         if size_bytes is not None:
             names.check_size(size_bytes, snap["sector_size"])
             # the container's own limit, before anything is copied or re-wrapped
-            container.new_header(Kind.DISK, size_bytes, snap["sector_size"], encrypted=False)
+            new_header(Kind.DISK, size_bytes, snap["sector_size"], encrypted=False)
             if size_bytes < snap["size_bytes"]:
                 raise errors.InvalidSize(size=size_bytes, reason=f"a disk created from "
                                          f"snapshot {snap_name!r} needs at least its "
@@ -355,11 +338,10 @@ class LifecycleService:
             raise errors.AlreadyExists(what="disk", name=name)
         self.home.create_dirs()
 
-        uid = os.urandom(container.ID_BYTES)
+        uid = os.urandom(ID_BYTES)
         rel_path = f"disks/{uid.hex()}.bcd"
-        final = self.home.path / rel_path
-        tmp = self._tmp_for(final)
-        try:
+        with publishing(self.store, self.store.locate(rel_path),
+                        after_commit="from-snapshot.after-commit") as tmp:
             method = self._copy_snapshot(snap, tmp)
             crashpoint("from-snapshot.after-copy")
             header = self._derive(tmp, snap, kind=Kind.DISK, uid=uid, size_bytes=size_bytes)
@@ -374,11 +356,6 @@ class LifecycleService:
                     lineage_id=header.lineage_hex if header.encrypted else snap["lineage_id"],
                     discard=int(discard), source_snapshot_id=snap["id"], created_at=utc_timestamp())
                 row = catalog.get_disk_by_id(self.conn, header.uid_hex)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        crashpoint("from-snapshot.after-commit")
-        publish(tmp, final)
         out = self.disks.describe(row, None)    # as created (a delete may already follow)
         out["copy_method"] = method
         return out
@@ -456,7 +433,7 @@ class LifecycleService:
         if att is not None:
             raise self.disks.in_use_error(disk["name"], att)
         path = self.path_of(disk)
-        tmp = self._tmp_for(path)
+        tmp = self.store.staging(path)
         uid = bytes.fromhex(disk["id"])
         try:
             if snap is not None:
@@ -465,10 +442,9 @@ class LifecycleService:
                                       size_bytes=disk["size_bytes"])
             else:
                 method = "blank"
-                current = container.read_header(path, repair=False)
-                check_header_matches(current, disk, path)
-                with private_umask():
-                    header = container.create_container(tmp, current.replace(seq=0))
+                current = self.store.read_header(path, repair=False)
+                catalog.check_header_matches(current, disk, path)
+                header = self.store.create(tmp, current.replace(seq=0))
             if header.encrypted and header.lineage_hex != disk["lineage_id"]:
                 raise _lineage_mismatch(snap["name"] if snap else "(blank)", disk["name"])
             crashpoint(f"{action}.before-swap")
@@ -478,16 +454,27 @@ class LifecycleService:
                 att = catalog.get_attachment(self.conn, disk["id"])
                 if att is not None:
                     raise self.disks.in_use_error(disk["name"], att)
-                _check_unlocked(path, disk["name"])
-                os.rename(tmp, path)
-            fsync_dir(path.parent)
+                self._check_unlocked(path, disk["name"])
+                self.store.swap(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self.store.discard(tmp)
             raise
         out = self.disks.show(disk["name"])
         out.update(action=action, from_snapshot=snap["name"] if snap else None,
                    copy_method=method)
         return out
+
+    def _check_unlocked(self, path: Path, name: str) -> None:
+        """Refuse if any server holds the container (belt and braces for the catalog
+        check): its whole-file lock must be free."""
+        try:
+            with self.store.locked(path, exclusive=True) as lock:
+                if not lock.held:
+                    raise errors.DiskAttached(f"disk {name!r} is in use by a server that "
+                                              "blockcrypt did not record; stop it first",
+                                              name=name, device="(unknown)")
+        except errors.NotFound:
+            return
 
 
 def _lineage_mismatch(snapshot: str, disk: str) -> errors.LineageMismatch:
@@ -496,19 +483,3 @@ def _lineage_mismatch(snapshot: str, disk: str) -> errors.LineageMismatch:
         f"key lineage); create a new disk from it with `blockcrypt disk create NAME "
         f"--from-snapshot {snapshot}`, and to move files into {disk!r} use `blockcrypt disk "
         f"copy NAME {disk}`", snapshot=snapshot, disk=disk)
-
-
-def _check_unlocked(path: Path, name: str) -> None:
-    """Refuse if any server holds the container (belt and braces for the catalog check)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise errors.DiskAttached(f"disk {name!r} is in use by a server that blockcrypt did "
-                                  "not record; stop it first", name=name,
-                                  device="(unknown)") from None
-    finally:
-        os.close(fd)

@@ -1,7 +1,10 @@
 """Quiesce an attached disk's I/O through nbdkit's ``pause`` filter.
 
+Owns the client side of the filter's control socket; it starts no process and
+knows nothing of disks, the catalog or containers.
+
 nbdkit is always started with ``--filter=pause pause-control=SOCKET`` (see
-:func:`blockcrypt.system.proc.nbdkit_argv`).  The control protocol
+:func:`blockcrypt.system.commands.nbdkit_argv`).  The control protocol
 (nbdkit-pause-filter(1)) is one byte each way: ``p`` pauses and is answered
 ``P`` only once every request received before it has completed; ``r`` resumes
 and is answered ``R``.  Requests arriving while paused wait inside nbdkit
@@ -115,7 +118,7 @@ def nudge_resume(ctl_socket: os.PathLike | str) -> bool:
     The filter reads the ``r`` once no other client holds the control
     connection, so a live pauser is never disturbed, while a pause left by a
     killed pauser ends at once.  Cheap enough for every command that looks at
-    an attached disk (``blockcrypt.services.disks`` calls it when it checks attachments).
+    an attached disk (``blockcrypt.services.attach`` calls it when it checks attachments).
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(1.0)

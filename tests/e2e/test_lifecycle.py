@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from blockcrypt.system import quiesce
 
 from support.cli import run_cli
 from support.prereq import require_block_devices, require_tools
+from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -121,7 +121,7 @@ def file_bytes(name: str) -> bytes:
 
 WRITER = r"""
 import os, sys, time
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{here!r}, {tests!r}]   # test_lifecycle, and the support package it imports
 from test_lifecycle import file_bytes
 mnt, log, stop = sys.argv[1], sys.argv[2], sys.argv[3]
 logf = open(log, "a")
@@ -143,13 +143,6 @@ def _logged(log: Path) -> list[str]:
     return [line for line in log.read_text().split("\n") if line] if log.exists() else []
 
 
-def _wait_for(pred, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_snapshot_while_mounted_under_concurrent_writer(env, tmp_path):
     env.cli("disk", "create", "src", "--size", "256M")
     dev = env.attach("src")
@@ -157,16 +150,17 @@ def test_snapshot_while_mounted_under_concurrent_writer(env, tmp_path):
     mnt = env.mount(dev, "src")
     log, stop = tmp_path / "written.log", tmp_path / "stop"
     writer = subprocess.Popen([sys.executable, "-c",
-                               WRITER.format(tests=str(Path(__file__).parent)),
+                               WRITER.format(here=str(Path(__file__).parent),
+                                             tests=str(Path(__file__).parents[1])),
                                str(mnt), str(log), str(stop)])
     try:
-        _wait_for(lambda: len(_logged(log)) >= 30, 60, "the writer to start")
+        wait_for(lambda: len(_logged(log)) >= 30, 60, "the writer to start")
         before = _logged(log)                      # completed before the snapshot began
         snap = env.json("snapshot", "create", "src", "live")
         assert snap["quiesced"] is True
         n_after = len(_logged(log))
         # The mounted file system keeps working after the snapshot.
-        _wait_for(lambda: len(_logged(log)) >= n_after + 20, 60, "writes after the snapshot")
+        wait_for(lambda: len(_logged(log)) >= n_after + 20, 60, "writes after the snapshot")
     finally:
         stop.touch()
         writer.wait(60)

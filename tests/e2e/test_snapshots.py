@@ -26,6 +26,7 @@ from blockcrypt.storage.home import Home
 from blockcrypt.system import quiesce
 
 from support.cli import run_cli
+from support.nbdkit import connect, import_libnbd, serve_container
 from support.prereq import require_tools
 
 PASS = b"correct horse battery staple"
@@ -261,7 +262,8 @@ def test_every_refusal_has_its_class_and_changes_nothing(env, tmp_path):
     before = _state(env)
 
     cases = [
-        (errors.ConversionRefused, ["disk", "create", "x", "--from-snapshot", "es", "--no-encrypted"]),
+        (errors.ConversionRefused,
+         ["disk", "create", "x", "--from-snapshot", "es", "--no-encrypted"]),
         (errors.ConversionRefused, ["disk", "create", "x", "--from-snapshot", "ps", "--encrypted"]),
         (errors.ConversionRefused, ["disk", "create", "x", "--from-snapshot", "ps", "--key", "k1"]),
         (errors.CmkChangeRefused, ["disk", "create", "x", "--from-snapshot", "es", "--key", "k2"]),
@@ -440,7 +442,7 @@ def test_kill_at_every_step_leaves_nothing_behind(env, tmp_path):
 def test_delete_racing_a_create_between_commit_and_rename(tmp_path):
     """A create commits its row, then renames its temp file; a delete that runs in
     between takes the temp file, and the creator's rename then leaves it."""
-    from blockcrypt.services.disks import doom, publish
+    from blockcrypt.storage.publish import doom, publish
     final = tmp_path / "abc.bcd"
     tmp = tmp_path / "abc.bcd.tmp-123-456"
     tmp.write_bytes(b"container")
@@ -460,7 +462,6 @@ def test_delete_racing_a_create_between_commit_and_rename(tmp_path):
 @pytest.fixture
 def paused_server(tmp_path):
     require_tools("nbdkit")
-    from nbdkit_helpers import connect, import_libnbd, serve_container
     if import_libnbd() is None:
         pytest.fail("python3-libnbd is not installed")
     path = tmp_path / "c.bcd"

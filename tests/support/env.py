@@ -16,7 +16,7 @@ from blockcrypt.cli import read_passphrase_file
 from blockcrypt.kms.store import KeyStore
 from blockcrypt.storage import container
 from blockcrypt.storage.home import Home
-from blockcrypt.system import proc
+from blockcrypt.system import devices, proc
 
 from .cli import run_cli
 
@@ -166,4 +166,4 @@ def assert_nothing_started(e: Env, name: str) -> None:
     assert not run_dir.exists()
     assert e.rows("attachments") == []
     assert proc.find_processes("nbdkit", f"{run_dir}/") == []
-    assert proc.loop_devices_backed_by(run_dir / "fuse" / "disk") == []
+    assert devices.loop_devices_backed_by(run_dir / "fuse" / "disk") == []

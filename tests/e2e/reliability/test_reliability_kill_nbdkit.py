@@ -47,6 +47,7 @@ from blockcrypt.system import proc
 
 from support.env import Env
 from support.prereq import require_block_devices, require_tools
+from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.stress]
 
@@ -115,14 +116,6 @@ def loops_backed_by_dev(st_dev: int) -> list[str]:
             if len(line.split()) == 2 and line.split()[1] == want]
 
 
-def wait_for(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def umount_lazy(mp: Path) -> None:
     subprocess.run(["umount", "-l", str(mp)], check=True, capture_output=True)
 
@@ -152,6 +145,8 @@ def test_kill9_nbdkit_under_fsyncing_writer_loses_nothing(home, passphrase_file,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             wait_for(lambda: records(log) or writer.poll() is not None, 30, "the first record")
             assert writer.poll() is None, writer.stderr.read().decode()
+            # Not synchronisation: a deliberate random delay, so each kill lands at a
+            # different point of the writer's write/fsync cycle.
             time.sleep(rng.uniform(0.05, 0.6))
             os.kill(d["nbdkit_pid"], signal.SIGKILL)
             try:

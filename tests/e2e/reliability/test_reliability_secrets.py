@@ -48,7 +48,7 @@ from pathlib import Path
 import pytest
 
 from blockcrypt.crypto.secret import Secret, _address
-from blockcrypt.system import proc
+from blockcrypt.system import devices, proc
 
 from support.cli import REPO
 from support.env import Env, read_allocated
@@ -132,7 +132,7 @@ def parent_of(pid: int) -> int:
 
 def check_modes(home: Path) -> list[str]:
     """Paths under home that break 0700/0600, other than FUSE mount contents."""
-    fuse_mounts = {Path(mp) for _, mp in proc.mountinfo() if mp.startswith(f"{home}/")}
+    fuse_mounts = {Path(mp) for _, mp in devices.mountinfo() if mp.startswith(f"{home}/")}
     bad = []
     for dirpath, dirnames, filenames in os.walk(home):
         d = Path(dirpath)

@@ -304,7 +304,7 @@ def test_attach_refuses_bad_thread_count(cli, home, threads):
 
 
 def test_serve_loopback_v6_no_tls_is_allowed_by_policy():
-    from blockcrypt.services.disks import parse_tcp_endpoint, serve_tls_mode
+    from blockcrypt.services.serve import parse_tcp_endpoint, serve_tls_mode
     ep = parse_tcp_endpoint("[::1]:10809")
     assert ep == ("::1", 10809)
     assert serve_tls_mode(tcp=ep, tls_psk=None, tls_certificates=None, no_tls=True) == "off"
