@@ -10,24 +10,16 @@ Must not: change a key's state, or return CMK material.
 """
 from __future__ import annotations
 
-import sqlite3
-
 from ... import errors
 from ...crypto.secret import Secret
 from .. import envelope
-from .journal import Facts, Journal
-from .rows import KeyRows, state_error
+from .journal import Facts, Operations
+from .rows import state_error
 from .rules import ENABLED
-from .vault import Vault
 
 
-class DataKeys:
-    def __init__(self, conn: sqlite3.Connection, vault: Vault, journal: Journal,
-                 rows: KeyRows):
-        self.conn = conn
-        self._vault = vault
-        self._journal = journal
-        self._rows = rows
+class DataKeys(Operations):
+    """Wraps, unwraps and re-wraps data keys (see the module doc)."""
 
     def generate(self, key_ref: str, context: dict[str, str]) -> tuple[Secret, bytes]:
         """A fresh 64-byte DK and its blob wrapped by the key's newest version.

@@ -12,26 +12,16 @@ for it (the service key and blockcrypt-made keys never take imported material).
 from __future__ import annotations
 
 import hmac
-import sqlite3
-from datetime import datetime
-from typing import Callable
 
 from ... import errors
 from .. import byok
-from .journal import Facts, Journal
-from .rows import KeyRows, label, ref, state_error
+from .journal import Facts, Operations
+from .rows import label, ref, state_error
 from .rules import DISABLED, ENABLED, ORIGIN_EXTERNAL, PENDING_IMPORT, iso, parse_iso
-from .vault import Vault
 
 
-class Imports:
-    def __init__(self, conn: sqlite3.Connection, vault: Vault, journal: Journal,
-                 rows: KeyRows, now: Callable[[], datetime]):
-        self.conn = conn
-        self._vault = vault
-        self._journal = journal
-        self._rows = rows
-        self._now = now
+class Imports(Operations):
+    """The store side of BYOK (see the module doc)."""
 
     def get_import_params(self, ref_: str) -> dict:
         """A fresh RSA-4096 wrapping key and a 24-hour import token (replacing older ones)."""

@@ -22,6 +22,7 @@ from typing import Callable, TypeVar
 from ... import errors
 from ...storage.db import write_txn
 from .. import audit
+from .rows import KeyRows
 from .rules import iso_us
 from .vault import Vault
 
@@ -94,3 +95,16 @@ class Journal:
                      result="refused" if error else "success",
                      error=f"{type(error).__name__}: {error.message}" if error else None,
                      details=f.details)
+
+
+class Operations:
+    """Base of the operation classes (:mod:`.lifecycle`, :mod:`.maintenance`,
+    :mod:`.imports`, :mod:`.datakeys`): the parts of one open store they work with."""
+
+    def __init__(self, conn: sqlite3.Connection, vault: Vault, journal: Journal,
+                 rows: KeyRows, now: Callable[[], datetime]):
+        self.conn = conn
+        self._vault = vault
+        self._journal = journal
+        self._rows = rows
+        self._now = now

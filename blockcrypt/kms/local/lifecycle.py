@@ -18,15 +18,13 @@ Must not: unwrap or wrap data keys, or open transactions other than through
 """
 from __future__ import annotations
 
-import sqlite3
 import uuid
-from datetime import datetime, timedelta
-from typing import Callable
+from datetime import timedelta
 
 from ... import errors
 from ...testing.crashpoints import crashpoint
-from .journal import Facts, Journal
-from .rows import KeyRows, label, ref, state_error
+from .journal import Facts, Operations
+from .rows import label, ref, state_error
 from .rules import (
     DESTROYED,
     DISABLED,
@@ -47,19 +45,10 @@ from .rules import (
     validate_alias,
     validate_description,
 )
-from .vault import Vault
 
 
-class Lifecycle:
+class Lifecycle(Operations):
     """Creates keys and changes their state; every method returns the key's description."""
-
-    def __init__(self, conn: sqlite3.Connection, vault: Vault, journal: Journal,
-                 rows: KeyRows, now: Callable[[], datetime]):
-        self.conn = conn
-        self._vault = vault
-        self._journal = journal
-        self._rows = rows
-        self._now = now
 
     def _get(self, ref_: str) -> dict:
         return self._rows.describe(self._rows.row(ref_))

@@ -15,22 +15,15 @@ Must not: make a state change a user asked for (that is :mod:`.lifecycle`).
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timedelta
-from typing import Callable
+from datetime import timedelta
 
 from ...storage.db import write_txn
-from .journal import Facts, Journal
+from .journal import Facts, Operations
 from .rules import DESTROYED, ENABLED, ORIGIN_BLOCKCRYPT, PENDING_DELETION, iso, parse_iso
-from .vault import Vault
 
 
-class Maintenance:
-    def __init__(self, conn: sqlite3.Connection, vault: Vault, journal: Journal,
-                 now: Callable[[], datetime]):
-        self.conn = conn
-        self._vault = vault
-        self._journal = journal
-        self._now = now
+class Maintenance(Operations):
+    """Automatic destruction and rotation (see the module doc)."""
 
     def rotation_due(self, row) -> bool:
         return (row["state"] == ENABLED and row["origin"] == ORIGIN_BLOCKCRYPT

@@ -75,10 +75,11 @@ class KeyStore(KeyProvider):
         self._rows = KeyRows(conn, dependants)
         self._journal = Journal(conn, self._vault, self._now,
                                 after_unlock=lambda: self._maintenance.rotate_due())
-        self._maintenance = Maintenance(conn, self._vault, self._journal, self._now)
-        self._lifecycle = Lifecycle(conn, self._vault, self._journal, self._rows, self._now)
-        self._imports = Imports(conn, self._vault, self._journal, self._rows, self._now)
-        self._data_keys = DataKeys(conn, self._vault, self._journal, self._rows)
+        parts = (conn, self._vault, self._journal, self._rows, self._now)
+        self._maintenance = Maintenance(*parts)
+        self._lifecycle = Lifecycle(*parts)
+        self._imports = Imports(*parts)
+        self._data_keys = DataKeys(*parts)
 
     # -- opening and closing ---------------------------------------------------------
     @staticmethod
