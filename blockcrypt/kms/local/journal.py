@@ -7,7 +7,8 @@ CLI invocations serialise; a refusal (any :class:`~blockcrypt.errors.BlockcryptE
 rolls that back and is recorded in a transaction of its own.  Operations that need
 key material first run ``work`` as a dry check (no writes), so a refusal comes
 before the passphrase is asked for; the slow KEK derivation then happens outside
-the write lock.
+the write lock.  :class:`Operations` is the base of the operation classes: the
+parts of an open store (connection, vault, journal, rows, clock) they share.
 
 Must not: know what any operation does; the operation modules (:mod:`.lifecycle`,
 :mod:`.imports`, :mod:`.datakeys`, :mod:`.passphrase`) pass their ``work`` in.

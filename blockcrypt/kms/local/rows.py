@@ -19,7 +19,7 @@ from typing import Callable
 from ... import errors
 from .rules import DESTROYED, DISABLED, ENABLED, PENDING_DELETION, PENDING_IMPORT, iso, parse_iso
 
-Dependants = Callable[[sqlite3.Connection, str], "list[str]"]
+Dependants = Callable[[sqlite3.Connection, str], list[str]]
 """``dependants(conn, key_id)``: what uses a key, as ``"disk NAME"`` / ``"snapshot NAME"``
 strings, read through the store's own connection (so inside its transaction)."""
 
