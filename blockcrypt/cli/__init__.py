@@ -3,7 +3,10 @@
 Only :func:`main` prints errors and chooses exit codes: commands raise
 :class:`~blockcrypt.errors.BlockcryptError` subclasses and this module turns them
 into one line on stderr (or a JSON object with ``--json``) and the class's exit
-code.  Command groups live in sibling modules, one per subject.
+code.  Command groups live in sibling modules, one per subject; what they print
+for people is formatted by :mod:`.output`, passphrases come from :mod:`.passphrase`
+(``read_passphrase_file`` is re-exported here: tests and tools read passphrase
+files the way the CLI does).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ import click
 from .. import errors
 from ..crypto.secret import Secret, disable_core_dumps
 from ..storage.home import Home
+from .passphrase import obtain_passphrase, read_passphrase_file
+
+__all__ = ["App", "cli", "main", "json_option", "pass_app", "read_passphrase_file"]
 
 PASSPHRASE_ENV = "BLOCKCRYPT_PASSPHRASE_FILE"
 
@@ -32,16 +38,8 @@ class App:
     # -- passphrase -----------------------------------------------------
     def passphrase(self, prompt: str = "Store passphrase", confirm: bool = False) -> Secret:
         """The store passphrase: --passphrase-file, $BLOCKCRYPT_PASSPHRASE_FILE, or a tty prompt."""
-        path = self._passphrase_file or os.environ.get(PASSPHRASE_ENV)
-        if path:
-            return read_passphrase_file(path)
-        if sys.stdin.isatty():
-            value = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm,
-                                 err=True)
-            if not value:
-                raise errors.PassphraseError(detail="the passphrase must not be empty")
-            return Secret(value.encode())
-        raise errors.PassphraseRequired()
+        return obtain_passphrase(self._passphrase_file or os.environ.get(PASSPHRASE_ENV),
+                                 prompt, confirm=confirm, missing=errors.PassphraseRequired())
 
     # -- output ------------------------------------------------------------
     def emit(self, data, human=None) -> None:
@@ -59,27 +57,6 @@ class App:
         """A human-only progress line on stderr (never mixed into --json stdout)."""
         if not self.json_output:
             click.echo(text, err=True)
-
-
-def read_passphrase_file(path: str) -> Secret:
-    try:
-        with open(path, "rb") as f:
-            raw = bytearray(f.read(65536 + 1))
-    except OSError as e:
-        raise errors.PassphraseFileError(path=path, reason=e.strerror or str(e)) from None
-    try:
-        if len(raw) > 65536:
-            raise errors.PassphraseFileError(path=path, reason="larger than 64 KiB")
-        # One trailing newline is not part of the passphrase (echo pass > file).
-        if raw.endswith(b"\r\n"):
-            del raw[-2:]
-        elif raw.endswith(b"\n"):
-            del raw[-1:]
-        if not raw:
-            raise errors.PassphraseFileError(path=path, reason="it is empty")
-        return Secret(raw)
-    finally:
-        raw[:] = bytes(len(raw))
 
 
 def json_option(f):

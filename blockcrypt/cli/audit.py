@@ -9,7 +9,8 @@ import click
 
 from .. import errors
 from . import App, cli, json_option
-from .store import format_table, open_store
+from .output import format_table
+from .store import open_store
 
 _AGE_RE = re.compile(r"(\d+)([smhd])")
 _AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}

@@ -10,17 +10,7 @@ import click
 
 from .. import errors, names
 from . import App, cli, json_option, pass_app
-from .store import format_fields
-
-
-def human_size(size_bytes: int) -> str:
-    """1073741824 -> '1 GiB', 1610612736 -> '1.5 GiB', 1000 -> '1000 B'."""
-    value = float(size_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if value < 1024 or unit == "EiB":
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+from .output import format_fields, format_table, human_size
 
 
 @contextlib.contextmanager
@@ -54,13 +44,11 @@ def _print_table(disks: list[dict]) -> None:
     if not disks:
         click.echo("no disks; create one with `blockcrypt disk create NAME --size 10G`")
         return
-    header = ("NAME", "SIZE", "SECTOR", "ENCRYPTED", "CMK", "STATE", "DEVICE")
-    rows = [(d["name"], human_size(d["size_bytes"]), str(d["sector_size"]),
-             "yes" if d["encrypted"] else "no", d["cmk_id"] or "-", d["state"],
-             d["device"] or ("served" if d["method"] == "serve" else "-")) for d in disks]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for r in [header] + rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    click.echo(format_table(
+        ["NAME", "SIZE", "SECTOR", "ENCRYPTED", "CMK", "STATE", "DEVICE"],
+        [[d["name"], human_size(d["size_bytes"]), d["sector_size"],
+          "yes" if d["encrypted"] else "no", d["cmk_id"] or "-", d["state"],
+          d["device"] or ("served" if d["method"] == "serve" else "-")] for d in disks]))
 
 
 @cli.group("disk")
@@ -98,9 +86,9 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
             d = LifecycleService(app.home, svc.conn, svc.keys, disks=svc).create_disk_from_snapshot(
                 name, snapshot, size_bytes=size_bytes, encrypted=encrypted, key_ref=key_ref,
                 sector_size=int(sector_size) if sector_size else None, discard=discard)
+        enc = f"encrypted under key {d['cmk_id']}" if d["encrypted"] else "not encrypted"
         app.emit(d, f"created disk {name} from snapshot {snapshot}: "
-                    f"{human_size(d['size_bytes'])}, "
-                    f"{'encrypted under key ' + d['cmk_id'] if d['encrypted'] else 'not encrypted'}")
+                    f"{human_size(d['size_bytes'])}, {enc}")
         return
     if size_text is None:
         raise click.UsageError("Missing option '--size' (required unless --from-snapshot).")

@@ -8,7 +8,7 @@ import click
 
 from .. import errors
 from ..kms import byok
-from ..kms.store import (
+from ..kms.local import (
     ORIGINS,
     PENDING_DAYS_DEFAULT,
     PENDING_DAYS_MAX,
@@ -18,7 +18,8 @@ from ..kms.store import (
 )
 from ..storage.home import ensure_private_dir, private_umask
 from . import App, cli, json_option, pass_app
-from .store import format_table, open_store
+from .output import format_fields, format_table, indent
+from .store import open_store
 
 
 @cli.group("key")
@@ -68,24 +69,18 @@ def _print_key(key: dict) -> None:
         fields.append(("Destroyed", key["destroyed_at"]))
     if key["import_expires_at"]:
         fields.append(("Import token", f"valid until {key['import_expires_at']}"))
-    width = max(len(name) for name, _ in fields)
-    for name, value in fields:
-        click.echo(f"{name.ljust(width)}  {value}")
+    click.echo(format_fields(fields, colon=False))
     click.echo("\nVersions")
     if key["versions"]:
         rows = [[v["version"], v["created_at"],
                  "destroyed" if v["destroyed"] else
                  "current (new wraps)" if v["version"] == key["current_version"] else
                  "unwraps only"] for v in key["versions"]]
-        click.echo(_indent(format_table(["VERSION", "CREATED", "STATUS"], rows)))
+        click.echo(indent(format_table(["VERSION", "CREATED", "STATUS"], rows)))
     else:
         click.echo("  none (material not imported yet)")
     click.echo("\nUsed by")
-    click.echo(_indent("\n".join(key["dependants"]) if key["dependants"] else "nothing"))
-
-
-def _indent(text: str) -> str:
-    return "\n".join("  " + line for line in text.splitlines())
+    click.echo(indent("\n".join(key["dependants"]) if key["dependants"] else "nothing"))
 
 
 @key_group.command("create")

@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from . import App, cli, json_option, pass_app
-from .disks import human_size
-from .store import format_fields, format_table
+from .output import format_fields, format_table, human_size
 
 
 @contextlib.contextmanager

@@ -1,37 +1,42 @@
-"""`blockcrypt init` and `blockcrypt passphrase change`, plus helpers the other command
-modules share: :func:`open_store` and :func:`format_table`."""
+"""`blockcrypt init` and `blockcrypt passphrase change`, and :func:`open_store`, the one
+place the CLI opens the key store.
+
+Composition root of the key side: the ``local`` provider
+(:class:`blockcrypt.kms.local.KeyStore`) learns which disks and snapshots use a
+key from the disk catalog (:func:`blockcrypt.storage.catalog.key_dependants`),
+wired here (:class:`CatalogKeyStore`) so that neither package imports the other.
+"""
 from __future__ import annotations
 
-import sys
+from datetime import datetime
+from typing import Callable
 
 import click
 
 from .. import errors
 from ..crypto.secret import Secret
-from ..kms.store import KeyStore
-from . import App, cli, json_option, pass_app, read_passphrase_file
+from ..kms.local import Dependants, KeyStore
+from ..storage import catalog
+from ..storage.home import Home
+from . import App, cli, json_option, pass_app
+from .passphrase import obtain_passphrase
+
+
+class CatalogKeyStore(KeyStore):
+    """The local key store as blockcrypt runs it: a key's dependants are the disks and
+    snapshots the catalog lists under it (disable and schedule-deletion refuse while
+    there are any; `key show` lists them)."""
+
+    @classmethod
+    def open(cls, home: Home, passphrase_source: Callable[[], Secret] | None = None, *,
+             now: Callable[[], datetime] | None = None,
+             dependants: Dependants = catalog.key_dependants) -> KeyStore:
+        return super().open(home, passphrase_source, now=now, dependants=dependants)
 
 
 def open_store(app: App) -> KeyStore:
     """The key store of this home; the passphrase is asked for only if material is needed."""
-    return KeyStore.open(app.home, app.passphrase)
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-    """Left-aligned columns separated by two spaces (the last column is not padded)."""
-    cells = [[str(c) if c is not None else "-" for c in r] for r in [headers, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for r in cells:
-        padded = [c.ljust(w) for c, w in zip(r[:-1], widths)] + [r[-1]]
-        lines.append("  ".join(padded).rstrip())
-    return "\n".join(lines)
-
-
-def format_fields(rows: list[tuple[str, object]]) -> str:
-    """`name: value` lines with the values aligned (one object's details)."""
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)
+    return CatalogKeyStore.open(app.home, app.passphrase)
 
 
 @cli.command("init")
@@ -73,24 +78,15 @@ def passphrase_change(app: App, new_passphrase_file: str | None):
     The current passphrase comes from --passphrase-file (or its usual sources).
     A crash at any point leaves either the old or the new passphrase working.
     """
-    with KeyStore.open(app.home, lambda: app.passphrase("Current store passphrase")) as store:
+    with CatalogKeyStore.open(app.home,
+                              lambda: app.passphrase("Current store passphrase")) as store:
         store.unlock()  # check the current passphrase before asking for a new one
-        with _new_passphrase(new_passphrase_file) as new:
+        missing = errors.PassphraseError(
+            detail="the new passphrase is needed: pass --new-passphrase-file FILE or run on a "
+                   "terminal to be prompted")
+        with obtain_passphrase(new_passphrase_file, "New store passphrase", confirm=True,
+                               missing=missing) as new:
             store.change_passphrase(new)
     app.emit({"home": str(app.home.path), "changed": True},
              f"passphrase changed for the key store at {app.home.path}; "
              "all key material is now encrypted under the new passphrase")
-
-
-def _new_passphrase(path: str | None):
-    if path:
-        return read_passphrase_file(path)
-    if sys.stdin.isatty():
-        value = click.prompt("New store passphrase", hide_input=True,
-                             confirmation_prompt=True, err=True)
-        if not value:
-            raise errors.PassphraseError(detail="the passphrase must not be empty")
-        return Secret(value.encode())
-    raise errors.PassphraseError(
-        detail="the new passphrase is needed: pass --new-passphrase-file FILE or run on a "
-               "terminal to be prompted")

@@ -21,7 +21,8 @@ database can recompute a consistent chain and head.  Against that, note the head
 later check it is still part of the chain with ``audit verify --anchor SEQ:HASH``.
 
 Appends must run inside the caller's write transaction (``BEGIN IMMEDIATE``), so
-records are totally ordered even across concurrent processes.
+records are totally ordered even across concurrent processes.  The tables are
+registered with the database by :mod:`blockcrypt.kms.schema`.
 """
 from __future__ import annotations
 
@@ -30,8 +31,6 @@ import json
 import os
 import sqlite3
 import sys
-
-from ..storage.db import register_schema
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -50,7 +49,6 @@ CREATE TABLE IF NOT EXISTS audit_head (
     hash        TEXT NOT NULL
 )
 """
-register_schema("audit", SCHEMA)
 
 GENESIS_HASH = "00" * 32
 

@@ -20,7 +20,7 @@ import pytest
 
 from blockcrypt import errors
 from blockcrypt.crypto.secret import Secret
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 from blockcrypt.storage import container
 from blockcrypt.storage.home import Home
 from blockcrypt.system import quiesce

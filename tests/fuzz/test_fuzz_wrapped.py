@@ -29,7 +29,7 @@ from blockcrypt import errors
 from blockcrypt.crypto.secret import Secret
 from blockcrypt.kms import envelope
 from blockcrypt.kms.envelope import blob_size, parse_wrapped
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 from blockcrypt.storage.home import Home
 
 pytestmark = pytest.mark.fuzz

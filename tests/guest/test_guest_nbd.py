@@ -229,7 +229,7 @@ def data_key_pipe(ctx: "Ctx", name: str) -> tuple[int, int]:
     does, and put it into a pipe for QEMU's fw_cfg, so it never touches a file or
     argv. Returns (read end, the container's data offset in bytes)."""
     from blockcrypt.cli import read_passphrase_file
-    from blockcrypt.kms.store import KeyStore
+    from blockcrypt.kms.local import KeyStore
     from blockcrypt.storage import container
     from blockcrypt.storage.home import Home
 

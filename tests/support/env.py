@@ -13,7 +13,7 @@ from pathlib import Path
 
 from blockcrypt import errors
 from blockcrypt.cli import read_passphrase_file
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 from blockcrypt.storage import container
 from blockcrypt.storage.home import Home
 from blockcrypt.system import devices, proc

@@ -34,7 +34,7 @@ import pytest
 
 from blockcrypt import errors, names
 from blockcrypt.cli import read_passphrase_file
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 from blockcrypt.services.disks import DiskService
 from blockcrypt.services.snapshots import LifecycleService
 from blockcrypt.storage.home import Home

@@ -41,7 +41,7 @@ import pytest
 
 from blockcrypt.cli import read_passphrase_file
 from blockcrypt.crypto.secret import Secret
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 from blockcrypt.nbd.backend import DiskBackend
 from blockcrypt.storage import container
 from blockcrypt.storage.home import Home
@@ -81,7 +81,7 @@ from blockcrypt.storage import container
 from blockcrypt.cli import read_passphrase_file
 from blockcrypt.storage.home import Home
 from blockcrypt.kms.envelope import parse_wrapped
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 home, pf, path = sys.argv[3:6]
 with KeyStore.open(Home(home), lambda: read_passphrase_file(pf)) as store:
     h = container.read_header(path)

@@ -32,7 +32,7 @@ import pytest
 from blockcrypt import errors
 from blockcrypt.cli import read_passphrase_file
 from blockcrypt.crypto.secret import Secret
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 from blockcrypt.nbd.backend import DiskBackend
 from blockcrypt.storage import container
 from blockcrypt.storage.home import Home

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from blockcrypt import errors
 from blockcrypt.crypto.secret import Secret
 from blockcrypt.kms import parse_wrapped
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 from blockcrypt.storage.home import Home
 from blockcrypt.testing.crashpoints import ENV_CRASH_AT as CRASH_ENV
 

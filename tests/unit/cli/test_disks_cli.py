@@ -10,7 +10,7 @@ import pytest
 
 from blockcrypt import errors
 from blockcrypt.cli import read_passphrase_file
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.cli.store import CatalogKeyStore as KeyStore
 from blockcrypt.storage import container
 from blockcrypt.storage.home import Home
 

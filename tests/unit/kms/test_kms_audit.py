@@ -11,7 +11,7 @@ import pytest
 from blockcrypt import errors
 from blockcrypt.crypto.secret import Secret
 from blockcrypt.kms import audit
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 from blockcrypt.storage.home import Home
 
 PASS = b"audit test passphrase"

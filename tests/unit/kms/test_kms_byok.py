@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from blockcrypt import errors
 from blockcrypt.crypto.secret import Secret
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
 from blockcrypt.storage.home import Home
 
 PASS = b"byok test passphrase"

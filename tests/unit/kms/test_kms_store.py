@@ -1,4 +1,4 @@
-"""The key store (blockcrypt/kms/store.py): states, refusals, rotation, deletion, passphrase."""
+"""The local key store (blockcrypt/kms/local/): states, refusals, rotation, deletion, passphrase."""
 from __future__ import annotations
 
 import sqlite3
@@ -9,7 +9,8 @@ import pytest
 from blockcrypt import errors
 from blockcrypt.crypto.secret import Secret
 from blockcrypt.kms import kdf, parse_wrapped
-from blockcrypt.kms.store import KeyStore
+from blockcrypt.kms.local import KeyStore
+from blockcrypt.storage import catalog
 from blockcrypt.storage.home import Home
 
 PASS = b"correct horse battery staple"
@@ -47,7 +48,7 @@ def store_home(tmp_path, clock) -> Home:
 
 @pytest.fixture
 def ks(store_home, clock):
-    s = KeyStore.open(store_home, source(), now=clock)
+    s = KeyStore.open(store_home, source(), now=clock, dependants=catalog.key_dependants)
     yield s
     s.close()
 

@@ -1,0 +1,83 @@
+"""State changes nobody asks for: what the clock makes due, done when the store is used.
+
+- Keys whose deletion window has passed are destroyed (material erased, alias
+  freed) every time the store is opened; that needs no passphrase.
+- Keys whose rotation period has passed get a new version as soon as the KEK is
+  unlocked (creating material needs it), before any data key is wrapped.
+
+Each change is its own write transaction with an ``automatic`` audit record, and
+is re-checked inside it, so two processes never do it twice.  After erasing
+material the WAL is checkpointed so the old sealed material does not linger in
+the ``-wal`` file.
+
+Must not: make a state change a user asked for (that is :mod:`.lifecycle`).
+"""
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+
+from ...storage.db import write_txn
+from .journal import Facts, Operations
+from .rules import DESTROYED, ENABLED, ORIGIN_BLOCKCRYPT, PENDING_DELETION, iso, parse_iso
+
+
+class Maintenance(Operations):
+    """Automatic destruction and rotation (see the module doc)."""
+
+    def rotation_due(self, row) -> bool:
+        return (row["state"] == ENABLED and row["origin"] == ORIGIN_BLOCKCRYPT
+                and row["rotation_period_days"] is not None and row["last_rotated_at"] is not None
+                and self._now() >= parse_iso(row["last_rotated_at"])
+                + timedelta(days=row["rotation_period_days"]))
+
+    def rotate_due(self) -> None:
+        """Automatic rotation of keys whose period has passed (needs the KEK)."""
+        rows = self.conn.execute("SELECT * FROM kms_keys WHERE rotation_period_days IS NOT NULL"
+                                 " AND state = ?", (ENABLED,)).fetchall()
+        for row in rows:
+            if not self.rotation_due(row):
+                continue
+            with write_txn(self.conn):
+                self._vault.check_current()
+                row = self.conn.execute("SELECT * FROM kms_keys WHERE id = ?",
+                                        (row["id"],)).fetchone()
+                if not self.rotation_due(row):
+                    continue  # another process rotated it meanwhile
+                version = self._vault.add_version(row["id"], self._now())
+                self._journal.append("rotate", Facts(row["id"], version, {
+                    "automatic": True, "new_version": version,
+                    "rotation_period_days": row["rotation_period_days"]}), None)
+
+    def destroy_expired(self) -> None:
+        """Erase the material of keys whose deletion window has passed (no KEK needed)."""
+        rows = self.conn.execute("SELECT id, deletion_date FROM kms_keys WHERE state = ?",
+                                 (PENDING_DELETION,)).fetchall()
+        due = [r["id"] for r in rows if self._now() >= parse_iso(r["deletion_date"])]
+        for key_id in due:
+            with write_txn(self.conn):
+                row = self.conn.execute("SELECT * FROM kms_keys WHERE id = ?",
+                                        (key_id,)).fetchone()
+                if row["state"] != PENDING_DELETION or self._now() < parse_iso(
+                        row["deletion_date"]):
+                    continue
+                self.conn.execute("UPDATE kms_key_versions SET material = NULL WHERE key_id = ?",
+                                  (key_id,))
+                self.conn.execute("DELETE FROM kms_import WHERE key_id = ?", (key_id,))
+                # The alias is freed with the key (as in KMS); the audit record keeps it.
+                self.conn.execute("UPDATE kms_keys SET state = ?, destroyed_at = ?, alias = NULL"
+                                  " WHERE id = ?", (DESTROYED, iso(self._now()), key_id))
+                self._journal.append("destroy", Facts(key_id, None, {
+                    "automatic": True, "deletion_date": row["deletion_date"],
+                    "alias": row["alias"]}), None)
+        if due:
+            checkpoint(self.conn)
+
+
+def checkpoint(conn: sqlite3.Connection) -> None:
+    """Fold the WAL into the database and truncate it, so replaced sealed material
+    does not linger in the -wal file (best effort: readers may hold it)."""
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        pass
