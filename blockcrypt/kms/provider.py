@@ -77,6 +77,12 @@ class KeyProvider(abc.ABC):
         """The same data key re-wrapped under the newest version of its key and bound to
         ``new_context``; the plaintext data key never leaves the provider."""
 
+    @abc.abstractmethod
+    def key_version_of(self, wrapped: bytes) -> int:
+        """The version of its key that wrapped a blob this provider made (recorded in
+        the disk's header); BlobFormatError if ``wrapped`` is not such a blob.  Reads
+        the blob only: no key is used and nothing is audited."""
+
     # -- describing keys -----------------------------------------------------
     @abc.abstractmethod
     def get_key(self, ref: str) -> dict:

@@ -52,7 +52,6 @@ from pathlib import Path
 from .. import errors, names
 from ..constants import utc_timestamp
 from ..crypto.secret import Secret
-from ..kms.envelope import parse_wrapped
 from ..storage import catalog, db
 from ..storage.file_store import FileStore
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
@@ -175,7 +174,7 @@ class DiskService:
             dk, wrapped = self.keys.generate_data_key(key["id"], key_context(header))
             dk.wipe()  # create needs only the wrapped form
             header = header.replace(wrapped_dk=wrapped,
-                                    cmk_version=parse_wrapped(wrapped).key_version)
+                                    cmk_version=self.keys.key_version_of(wrapped))
         else:
             header = new_header(Kind.DISK, size_bytes, sector_size, encrypted=False, uid=uid)
 

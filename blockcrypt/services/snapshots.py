@@ -13,7 +13,7 @@ The rules (the cloud disk-encryption model blockcrypt follows):
   from them, never decrypt or re-encrypt data: they are thin file copies
   (:mod:`blockcrypt.storage.fastcopy`) whose header gets a new uid and the DK
   re-wrapped for the new container's key context
-  (``KeyStore.reencrypt_data_key(wrapped, key_context(old), key_context(new))``:
+  (``KeyProvider.reencrypt_data_key(wrapped, key_context(old), key_context(new))``:
   the context binds uid and size, so the same DK has a different wrapped form
   in every container).  The CMK never changes, and neither does the
   encryption: an unencrypted disk never becomes encrypted in place, nor the
@@ -67,7 +67,6 @@ from pathlib import Path
 
 from .. import errors, names
 from ..constants import utc_timestamp
-from ..kms.envelope import parse_wrapped
 from ..storage import catalog, db
 from ..storage.file_store import allocated_bytes
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
@@ -153,7 +152,7 @@ class LifecycleService:
         if old.encrypted:
             wrapped = self.keys.reencrypt_data_key(old.wrapped_dk, key_context(old),
                                                     key_context(new))
-            new = new.replace(wrapped_dk=wrapped, cmk_version=parse_wrapped(wrapped).key_version)
+            new = new.replace(wrapped_dk=wrapped, cmk_version=self.keys.key_version_of(wrapped))
         crashpoint("lifecycle.after-rewrap")
         return self.store.write_header(tmp, new)
 

@@ -3,7 +3,7 @@ mkfs.ext4, mount and e2fsck (root).  Covers issue 4's "done when" 1, 2, 3, 5 and
 stale cleanup after kill -9, concurrent attaches, and `disk serve`.
 
 On these machines the kernel has no nbd driver, so attach takes the fallback path
-(nbdfuse + loop); the nbd-client path is proved in tests/test_guest_nbd.py.
+(nbdfuse + loop); the nbd-client path is proved in tests/guest/test_guest_nbd.py.
 """
 from __future__ import annotations
 

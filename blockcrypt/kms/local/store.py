@@ -37,7 +37,7 @@ from ... import errors
 from ...crypto.secret import Secret
 from ...storage import db
 from ...storage.home import Home
-from .. import audit
+from .. import audit, envelope
 from ..provider import KeyProvider
 from . import passphrase as passphrase_ops
 from .datakeys import DataKeys
@@ -235,6 +235,10 @@ class KeyStore(KeyProvider):
                            new_context: dict[str, str]) -> bytes:
         """Re-wrap a blob's DK under the key's newest version, bound to new_context."""
         return self._data_keys.reencrypt(wrapped, old_context, new_context)
+
+    def key_version_of(self, wrapped: bytes) -> int:
+        """The key version named in a local blob's header (FORMAT: kms/envelope.py)."""
+        return envelope.parse_wrapped(wrapped).key_version
 
     # -- passphrase (.passphrase) ------------------------------------------------------
     def change_passphrase(self, new: Secret) -> None:

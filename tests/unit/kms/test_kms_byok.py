@@ -1,6 +1,6 @@
 """Bring your own key (blockcrypt/kms/byok.py and the store's import flow): refusals.
 
-The end-to-end flow through the CLI is in tests/test_cli_keys.py.
+The end-to-end flow through the CLI is in tests/unit/cli/test_cli_keys.py.
 """
 from __future__ import annotations
 

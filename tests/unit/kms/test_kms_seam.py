@@ -21,7 +21,7 @@ PASS = b"seam test passphrase"
 
 SEAM = {"generate_data_key", "decrypt_data_key", "reencrypt_data_key", "get_key",
         "default_key", "check_usable", "enable", "disable", "schedule_deletion",
-        "cancel_deletion", "rotate", "close"}
+        "cancel_deletion", "rotate", "key_version_of", "close"}
 
 # SHA-256 of repr([(type, name, sql), ...]) of the audit_* and kms_* entries of
 # sqlite_master in a new home, as created by the store before it was split
@@ -77,3 +77,24 @@ def test_a_new_home_gets_the_same_key_tables_as_before(tmp_path):
         conn.close()
     assert len(rows) == 11
     assert hashlib.sha256(repr(rows).encode()).hexdigest() == KMS_SCHEMA_SHA256
+
+
+def test_key_version_of_names_the_version_that_wrapped(tmp_path):
+    """What the services record in a header as cmk_version comes from the provider."""
+    import pytest
+
+    from blockcrypt import errors
+    h = Home(tmp_path / "home")
+    KeyStore.init(h, Secret(PASS))
+    ctx = {"disk": "d1"}
+    with KeyStore.open(h, lambda: Secret(PASS)) as ks:
+        key = ks.create_key(alias="k")
+        dk, wrapped = ks.generate_data_key("k", ctx)
+        dk.wipe()
+        assert ks.key_version_of(wrapped) == key["current_version"] == 1
+        ks.rotate("k")
+        rewrapped = ks.reencrypt_data_key(wrapped, ctx, ctx)
+        assert ks.key_version_of(rewrapped) == 2
+        assert ks.key_version_of(wrapped) == 1
+        with pytest.raises(errors.BlobFormatError):
+            ks.key_version_of(b"not a wrapped key")
