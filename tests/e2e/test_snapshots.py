@@ -4,7 +4,7 @@ These run the real CLI in subprocesses against real container files; data is
 written and read through the same backend the nbdkit plugin uses (no block
 device needed, so no root).  The quiesce tests run a real nbdkit with the
 pause filter.  Block-device tests (snapshot while mounted, disk copy) are in
-test_lifecycle_e2e.py.
+tests/e2e/test_lifecycle.py.
 """
 from __future__ import annotations
 
