@@ -24,7 +24,7 @@ import pytest
 
 from blockcrypt.system import proc
 
-from support.cli import REPO, clean_env
+from support.cli import REPO, clean_env, user_env
 from support.env import dd_read, dd_write, teardown_home
 from support.prereq import require, require_block_devices
 
@@ -92,13 +92,9 @@ def test_wheel_ships_every_module_and_the_plugin(installed):
 @pytest.mark.root
 def test_installed_wheel_creates_attaches_writes_and_reattaches_a_disk(installed, tmp_path):
     require_block_devices()
-    home, work = tmp_path / "home", tmp_path / "work"
+    home, env = user_env(tmp_path, b"a wheel-installed passphrase")
+    work = tmp_path / "work"
     work.mkdir()
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_bytes(b"a wheel-installed passphrase\n")
-    passphrase.chmod(0o600)
-    env = clean_env(BLOCKCRYPT_HOME=str(home), BLOCKCRYPT_PASSPHRASE_FILE=str(passphrase),
-                    BLOCKCRYPT_TESTONLY_WEAK_KDF="1")
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         cp = subprocess.run([str(installed.exe), *args], capture_output=True, env=env,

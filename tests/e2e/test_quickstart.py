@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support.cli import CLEAN_PATH, REPO, clean_env, run_shell
+from support.cli import CLEAN_PATH, REPO, run_shell, user_env
 from support.env import teardown_home
 from support.prereq import require, require_block_devices
 
@@ -71,14 +71,10 @@ def test_quick_start_runs_exactly_as_written(tmp_path):
     require(LINK.resolve() == (REPO / ".venv" / "bin" / "blockcrypt").resolve(),
             f"{LINK} leads to {LINK.resolve()}, not this checkout: run `make install` here")
 
-    home, work, mnt, mnt2 = (tmp_path / n for n in ("home", "work", "mnt", "mnt2"))
+    home, env = user_env(tmp_path, b"a quick start passphrase")
+    work, mnt, mnt2 = (tmp_path / n for n in ("work", "mnt", "mnt2"))
     for d in (work, mnt, mnt2):
         d.mkdir()
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_bytes(b"a quick start passphrase\n")
-    passphrase.chmod(0o600)
-    env = clean_env(BLOCKCRYPT_HOME=str(home), BLOCKCRYPT_PASSPHRASE_FILE=str(passphrase),
-                    BLOCKCRYPT_TESTONLY_WEAK_KDF="1")
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         return run_shell(" ".join(["blockcrypt", *args]), env=env, cwd=work, check=check)

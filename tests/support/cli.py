@@ -41,6 +41,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {"PATH": CLEAN_PATH, "HOME": "/root", "LC_ALL": "C.UTF-8", **extra}
 
 
+def user_env(tmp_path: Path, passphrase: bytes) -> tuple[Path, dict[str, str]]:
+    """A not yet initialised home under ``tmp_path`` and the clean environment of a
+    user who keeps the passphrase in a 0600 file (``$BLOCKCRYPT_PASSPHRASE_FILE``)."""
+    home, pf = tmp_path / "home", tmp_path / "passphrase"
+    pf.write_bytes(passphrase + b"\n")
+    pf.chmod(0o600)
+    return home, clean_env(BLOCKCRYPT_HOME=str(home), BLOCKCRYPT_PASSPHRASE_FILE=str(pf),
+                           BLOCKCRYPT_TESTONLY_WEAK_KDF="1")
+
+
 def run_shell(command: str, *, env: dict[str, str], cwd: Path, check: bool = True,
               timeout: float = 300) -> subprocess.CompletedProcess:
     """Run one command line with `bash -c`, exactly as typed, in ``env`` only."""
