@@ -27,7 +27,7 @@ from blockcrypt.system import quiesce
 
 from support.cli import run_cli
 from support.nbdkit import connect, import_libnbd, serve_container
-from support.prereq import require_tools
+from support.prereq import require, require_tools
 
 PASS = b"correct horse battery staple"
 MiB = 1024 * 1024
@@ -462,8 +462,7 @@ def test_delete_racing_a_create_between_commit_and_rename(tmp_path):
 @pytest.fixture
 def paused_server(tmp_path):
     require_tools("nbdkit")
-    if import_libnbd() is None:
-        pytest.fail("python3-libnbd is not installed")
+    require(import_libnbd() is not None, "python3-libnbd not installed")
     path = tmp_path / "c.bcd"
     container.create_container(path, container.new_header("disk", 16 * MiB, 4096,
                                                           encrypted=False))
