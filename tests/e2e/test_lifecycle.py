@@ -19,19 +19,15 @@ from pathlib import Path
 import pytest
 
 from blockcrypt import errors
-from blockcrypt.crypto.secret import Secret
-from blockcrypt.kms.local import KeyStore
-from blockcrypt.storage import container
-from blockcrypt.storage.home import Home
 from blockcrypt.system import quiesce
 
 from support.cli import run_cli
+from support.env import container_dk, container_path
 from support.prereq import require_block_devices, require_tools
 from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
-PASS = b"correct horse battery staple"
 MiB = 1024 * 1024
 
 
@@ -64,19 +60,12 @@ class Env:
         self.mounts.remove(mnt)
 
     def path(self, table: str, name: str) -> Path:
-        import sqlite3
-        conn = sqlite3.connect(self.home / "blockcrypt.db")
-        try:
-            row = conn.execute(f"SELECT path FROM {table} WHERE name = ?", (name,)).fetchone()
-        finally:
-            conn.close()
-        return self.home / row[0]
+        return container_path(self.home, table, name)
 
     def dk(self, path: Path) -> bytes:
-        h = container.read_header(path)
-        with KeyStore.open(Home(self.home), lambda: Secret(PASS)) as ks:
-            with ks.decrypt_data_key(h.wrapped_dk, container.key_context(h)) as dk:
-                return bytes(dk.view())
+        dk = container_dk(self.home, self.pf, path)
+        assert dk is not None, f"{path} is not encrypted"
+        return dk
 
     def cleanup(self) -> None:
         attached = []

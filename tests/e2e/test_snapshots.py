@@ -19,17 +19,15 @@ import pytest
 
 from blockcrypt import errors
 from blockcrypt.crypto.secret import Secret
-from blockcrypt.kms.local import KeyStore
 from blockcrypt.nbd.backend import DiskBackend
 from blockcrypt.storage import container
-from blockcrypt.storage.home import Home
 from blockcrypt.system import quiesce
 
 from support.cli import run_cli
+from support.env import container_dk, container_path
 from support.nbdkit import connect, import_libnbd, serve_container
 from support.prereq import require, require_tools
 
-PASS = b"correct horse battery staple"
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -60,23 +58,14 @@ class Env:
             return [dict(r) for r in c.execute(f"SELECT * FROM {table} ORDER BY name")]
 
     def disk_path(self, name: str) -> Path:
-        with contextlib.closing(self.db()) as c:
-            row = c.execute("SELECT path FROM disks WHERE name = ?", (name,)).fetchone()
-        return self.home / row[0]
+        return container_path(self.home, "disks", name)
 
     def snap_path(self, name: str) -> Path:
-        with contextlib.closing(self.db()) as c:
-            row = c.execute("SELECT path FROM snapshots WHERE name = ?", (name,)).fetchone()
-        return self.home / row[0]
+        return container_path(self.home, "snapshots", name)
 
     def dk(self, path: Path) -> bytes | None:
         """Unwrap a container's DK with the key store, as the test's own check."""
-        header = container.read_header(path)
-        if not header.encrypted:
-            return None
-        with KeyStore.open(Home(self.home), lambda: Secret(PASS)) as ks:
-            with ks.decrypt_data_key(header.wrapped_dk, container.key_context(header)) as dk:
-                return bytes(dk.view())
+        return container_dk(self.home, self.pf, path)
 
     @contextlib.contextmanager
     def backend(self, path: Path, read_only: bool = False):

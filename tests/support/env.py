@@ -70,16 +70,12 @@ class Env:
         self.mounts.remove(mp)
 
     def store(self) -> KeyStore:
-        return KeyStore.open(Home(self.home),
-                             lambda: read_passphrase_file(str(self.passphrase_file)))
+        return open_store(self.home, self.passphrase_file)
 
     def data_key(self, name: str) -> bytes:
         """The disk's DK, unwrapped here through the key store (the test knows it)."""
-        d = self.json("disk", "show", name)
-        h = container.read_header(d["path"])
-        with self.store() as store:
-            with store.decrypt_data_key(h.wrapped_dk, container.key_context(h)) as dk:
-                return dk.reveal()
+        return container_dk(self.home, self.passphrase_file,
+                            Path(self.json("disk", "show", name)["path"]))
 
     def rows(self, table: str) -> list:
         conn = sqlite3.connect(self.home / "blockcrypt.db")
@@ -92,6 +88,34 @@ class Env:
         for mp in reversed(self.mounts):
             subprocess.run(["umount", "-l", str(mp)], capture_output=True)
         teardown_home(self.home, self.cli)
+
+
+def open_store(home: Path, passphrase_file: Path) -> KeyStore:
+    """The key store of ``home``, opened in the test process with the passphrase file."""
+    return KeyStore.open(Home(home), lambda: read_passphrase_file(str(passphrase_file)))
+
+
+def container_path(home: Path, table: str, name: str) -> Path:
+    """The container file the catalog records for the disk or snapshot ``name``
+    (``table``: ``disks`` or ``snapshots``)."""
+    conn = sqlite3.connect(home / "blockcrypt.db")
+    try:
+        row = conn.execute(f"SELECT path FROM {table} WHERE name = ?", (name,)).fetchone()
+    finally:
+        conn.close()
+    assert row is not None, f"no {table} row named {name!r}"
+    return home / row[0]
+
+
+def container_dk(home: Path, passphrase_file: Path, path: Path) -> bytes | None:
+    """A container's data key, unwrapped through ``home``'s key store as the test's own
+    check of what blockcrypt wrote; None for an unencrypted container."""
+    h = container.read_header(path)
+    if not h.encrypted:
+        return None
+    with open_store(home, passphrase_file) as store:
+        with store.decrypt_data_key(h.wrapped_dk, container.key_context(h)) as dk:
+            return dk.reveal()
 
 
 def teardown_home(home: Path, cli: Callable[..., subprocess.CompletedProcess]) -> None:
