@@ -34,6 +34,7 @@ from support.env import (
 )
 from support.nbdkit import import_libnbd
 from support.prereq import require_tools
+from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -351,7 +352,11 @@ def test_serve_threads_reach_nbdkit(env):
         h = nbd.NBD()
         h.connect_unix(str(sock))
         h.pread(4096, 0)
-        tasks = len(os.listdir(f"/proc/{pid}/task"))
+        # nbdkit starts a connection's workers while it already serves, so the
+        # count is polled (with a deadline) while the client stays connected.
+        tasks = wait_for(lambda: len(os.listdir(f"/proc/{pid}/task")) >= 7 + 1 and
+                         len(os.listdir(f"/proc/{pid}/task")), timeout_s=10,
+                         what="7 nbdkit workers besides the main thread")
         h.shutdown()
         assert tasks >= 7 + 1, tasks
     finally:
