@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from . import errors
-from .constants import SECTOR_SIZES, is_sector_size  # noqa: F401  (re-exported)
+from .constants import is_sector_size
 
 NAME_MAX_CHARS = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .. import errors, names
+from ..constants import DEFAULT_SECTOR_SIZE, SECTOR_SIZES
 from . import App, cli, json_option, pass_app
 from .output import format_fields, format_table, human_size
 
@@ -67,8 +68,8 @@ def disk_group():
 @click.option("--key", "key_ref", default=None,
               help="CMK id or alias wrapping the data key (default: the service key "
                    "blockcrypt/default).")
-@click.option("--sector-size", type=click.Choice(["512", "4096"]), default=None,
-              help="Logical sector size of the disk (default 4096).")
+@click.option("--sector-size", type=click.Choice([str(s) for s in SECTOR_SIZES]), default=None,
+              help=f"Logical sector size of the disk (default {DEFAULT_SECTOR_SIZE}).")
 @click.option("--discard", is_flag=True,
               help="Let trim deallocate space in the file (reveals which ranges are unused).")
 @click.option("--from-snapshot", "snapshot", default=None,
@@ -93,7 +94,7 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
     if size_text is None:
         raise click.UsageError("Missing option '--size' (required unless --from-snapshot).")
     encrypted = True if encrypted is None else encrypted
-    sector = int(sector_size or 4096)
+    sector = int(sector_size or DEFAULT_SECTOR_SIZE)
     size_bytes = names.check_size(names.parse_size(size_text), sector, size_text)
     if key_ref is not None and not encrypted:
         raise errors.InvalidInput(detail="--key names the CMK of an encrypted disk; "

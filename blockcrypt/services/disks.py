@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .. import errors, names
-from ..constants import utc_timestamp
+from ..constants import DEFAULT_SECTOR_SIZE, utc_timestamp
 from ..crypto.secret import Secret
 from ..storage import catalog, db
 from ..storage.file_store import FileStore
@@ -60,8 +60,6 @@ from ..testing.crashpoints import crashpoint
 from . import copy as copy_service
 from . import serve as serve_service
 from .attach import Attachments
-
-DEFAULT_SECTOR_SIZE = 4096
 
 
 @contextlib.contextmanager
@@ -178,7 +176,7 @@ class DiskService:
         else:
             header = new_header(Kind.DISK, size_bytes, sector_size, encrypted=False, uid=uid)
 
-        rel_path = f"disks/{header.uid_hex}.bcd"
+        rel_path = self.store.new_ref("disks", header.uid_hex)
         with publishing(self.store, self.store.locate(rel_path),
                         after_commit="disk-create.after-row") as tmp:
             self.store.create(tmp, header)

@@ -221,7 +221,7 @@ class LifecycleService:
         self.home.create_dirs()
 
         uid = os.urandom(ID_BYTES)
-        rel_path = f"snapshots/{uid.hex()}.bcd"
+        rel_path = self.store.new_ref("snapshots", uid.hex())
         with publishing(self.store, self.store.locate(rel_path),
                         after_commit="snapshot.after-commit") as tmp:
             method, quiesced = self._copy_disk(disk, tmp)
@@ -338,7 +338,7 @@ class LifecycleService:
         self.home.create_dirs()
 
         uid = os.urandom(ID_BYTES)
-        rel_path = f"disks/{uid.hex()}.bcd"
+        rel_path = self.store.new_ref("disks", uid.hex())
         with publishing(self.store, self.store.locate(rel_path),
                         after_commit="from-snapshot.after-commit") as tmp:
             method = self._copy_snapshot(snap, tmp)

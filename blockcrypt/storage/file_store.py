@@ -67,6 +67,9 @@ class FileStore(Store[Path]):
         return f"FileStore({str(self.root)!r})"
 
     # -- naming ----------------------------------------------------------------
+    def new_ref(self, table: str, obj_id: str) -> str:
+        return f"{table}/{publish.container_name(obj_id)}"
+
     def locate(self, ref: str) -> Path:
         return self.root / ref
 
@@ -119,7 +122,7 @@ class FileStore(Store[Path]):
         staged.unlink(missing_ok=True)
 
     def pending(self, final: Path) -> bool:
-        return any(final.parent.glob(final.name + publish.TMP_MARK + "*"))
+        return bool(publish.staged_of(final))
 
     def doom(self, final: Path) -> Path:
         return publish.doom(final)

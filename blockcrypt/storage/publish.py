@@ -38,8 +38,19 @@ from ..system import proc
 from . import db
 from .home import fsync_dir
 
+SUFFIX = ".bcd"             # a published container: <id>.bcd
 TMP_MARK = ".tmp-"
 DELETED_MARK = ".deleted"
+
+
+def container_name(obj_id: str) -> str:
+    """The file name of the published container with id ``obj_id``."""
+    return obj_id + SUFFIX
+
+
+def staged_of(final: Path) -> list[Path]:
+    """The temp files any process is building ``final`` under, sorted."""
+    return sorted(final.parent.glob(final.name + TMP_MARK + "*"))
 
 
 def tmp_name(final: Path, pid: int, start: int) -> Path:
@@ -72,7 +83,7 @@ def doom(final: Path) -> Path:
             return doomed
         except FileNotFoundError:
             pass
-        temps = sorted(final.parent.glob(final.name + TMP_MARK + "*"))
+        temps = staged_of(final)
         if not temps:
             return doomed       # no file at all (left to the operator): drop the row
         try:
@@ -101,7 +112,7 @@ def recover_dir(conn: sqlite3.Connection, d: Path, table: str) -> list[str]:
             if not path.exists():
                 continue  # someone else recovered it meanwhile
             obj_id = fname.split(".", 1)[0]
-            final = d / f"{obj_id}.bcd"
+            final = d / container_name(obj_id)
             has_row = conn.execute(f"SELECT 1 FROM {table} WHERE id = ?",
                                    (obj_id,)).fetchone() is not None
             if TMP_MARK in fname:

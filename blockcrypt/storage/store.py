@@ -69,6 +69,11 @@ class Store(abc.ABC, Generic[L]):
 
     # -- naming ----------------------------------------------------------------
     @abc.abstractmethod
+    def new_ref(self, table: str, obj_id: str) -> str:
+        """The catalog reference (a row's ``path``) for a new container with id
+        ``obj_id`` whose row goes into ``table`` (``disks`` or ``snapshots``)."""
+
+    @abc.abstractmethod
     def locate(self, ref: str) -> L:
         """The location of the container the catalog records as ``ref`` (a
         row's ``path``, e.g. ``disks/<id>.bcd``)."""

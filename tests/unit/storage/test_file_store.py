@@ -72,6 +72,7 @@ def test_store_is_abstract_and_file_store_implements_it(tmp_path):
         Store()                                   # type: ignore[abstract]
     assert isinstance(FileStore(tmp_path), Store)
     assert FileStore(tmp_path).locate("disks/a.bcd") == tmp_path / "disks" / "a.bcd"
+    assert FileStore(tmp_path).new_ref("snapshots", "ab12") == "snapshots/ab12.bcd"
 
 
 def test_staging_name_is_the_publish_protocols_temp_name(store):
