@@ -24,7 +24,6 @@ from pathlib import Path
 
 from blockcrypt.nbd.launch import plugin_env, plugin_path
 
-REPO = Path(__file__).resolve().parents[2]
 PLUGIN = plugin_path()
 SYSTEM_DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 

@@ -31,7 +31,8 @@ import pytest
 
 from blockcrypt import errors
 
-REPO = Path(__file__).resolve().parents[2]
+from support.cli import REPO
+
 GENERIC_CODES = {0: "success", 2: "command-line usage"}   # no error class behind these
 
 # Phrases that name an error without its class name (lower case; longest first wins).

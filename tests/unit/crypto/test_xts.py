@@ -26,9 +26,10 @@ from blockcrypt.crypto import xts
 from blockcrypt.crypto.secret import Secret
 from blockcrypt.crypto.xts import evp
 
+from support.cli import REPO
 from support.prereq import require_tools
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "xts"
+DATA = REPO / "tests" / "data" / "xts"
 
 
 def _records(path: Path) -> list[dict[str, str]]:

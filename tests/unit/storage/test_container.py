@@ -44,11 +44,11 @@ from blockcrypt.storage.header import (
     new_header,
 )
 
+from support.cli import REPO
 from support.headers import DEFAULTS, PLAIN, build_copy, flip, header_for, slots, write_container
 from support.prereq import require_tools
 from support.wait import wait_for
 
-REPO = Path(__file__).resolve().parents[3]
 MiB = 1 << 20
 
 
