@@ -75,7 +75,8 @@ def change_passphrase(vault: Vault, journal: Journal, new: Secret) -> None:
             return
         new_kek, count = made["kek"], 0
         rows = conn.execute("SELECT key_id, version, material FROM kms_key_versions "
-                            "WHERE material IS NOT NULL").fetchall()
+                            "WHERE material IS NOT NULL AND key_id NOT IN "
+                            "(SELECT key_id FROM kms_key_provider)").fetchall()
         for r in rows:
             ad = vault.material_ad(r["key_id"], r["version"])
             with vault.unseal(r["material"], ad,
