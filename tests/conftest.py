@@ -81,3 +81,14 @@ def provider_name(request) -> str:
         request.getfixturevalue("softhsm")
         return "hsm"
     return "local"
+
+
+@pytest.fixture
+def provider_args(provider_name, request):
+    """``key create`` arguments for each provider in turn: call it with the test's CLI
+    runner (it adds the pkcs11 provider ``hsm`` to that home) and append the result."""
+    def setup(cli) -> list[str]:
+        if provider_name != "local":
+            cli(*request.getfixturevalue("softhsm").provider_args(provider_name))
+        return ["--provider", provider_name]
+    return setup

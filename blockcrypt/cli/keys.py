@@ -1,4 +1,4 @@
-"""`blockcrypt key ...`: customer master keys (CMKs) in the local key store."""
+"""`blockcrypt key ...`: customer master keys (CMKs), in the local key store or a provider."""
 from __future__ import annotations
 
 import os
@@ -24,9 +24,10 @@ from .store import open_store
 
 @cli.group("key")
 def key_group():
-    """Customer master keys (CMKs) in the local key store.
+    """Customer master keys (CMKs).
 
-    A CMK wraps the data keys of disks; its material never leaves the store.
+    A CMK wraps the data keys of disks; its material never leaves its provider
+    (the local key store, or an HSM: see `blockcrypt provider`).
     KEY is a key id or an alias.
     """
 
@@ -44,16 +45,17 @@ def _print_key_list(keys: list[dict]) -> None:
     if not keys:
         click.echo("no keys yet; create one with `blockcrypt key create --alias NAME`")
         return
-    rows = [[k["id"], k["alias"], k["state"], k["origin"], _version_summary(k),
+    rows = [[k["id"], k["alias"], k["state"], k["provider"], k["origin"], _version_summary(k),
              f"{k['rotation_period_days']}d" if k["rotation_period_days"] else None,
              len(k["dependants"]), k["created_at"]] for k in keys]
-    click.echo(format_table(["ID", "ALIAS", "STATE", "ORIGIN", "VERSION", "ROTATION",
-                             "USED BY", "CREATED"], rows))
+    click.echo(format_table(["ID", "ALIAS", "STATE", "PROVIDER", "ORIGIN", "VERSION",
+                             "ROTATION", "USED BY", "CREATED"], rows))
 
 
 def _print_key(key: dict) -> None:
     fields = [("Key", key["id"]), ("Alias", key["alias"] or "-"),
               ("Description", key["description"] or "-"), ("State", key["state"]),
+              ("Provider", key["provider"]),
               ("Origin", key["origin"] + ("  (service key)" if key["service"] else "")),
               ("Created", key["created_at"])]
     if key["rotation_period_days"]:
@@ -90,13 +92,16 @@ def _print_key(key: dict) -> None:
               help="'external' makes a key in PendingImport for your own material (BYOK).")
 @click.option("--rotation-period-days", type=int, default=None,
               help=f"Rotate automatically every N days ({ROTATION_DAYS_MIN}..{ROTATION_DAYS_MAX}).")
+@click.option("--provider", default="local", show_default=True,
+              help="The key provider that makes and keeps the material (`blockcrypt provider "
+                   "list`); e.g. a pkcs11 provider generates it inside the HSM.")
 @json_option
 @pass_app
-def key_create(app: App, alias, description, origin, rotation_period_days):
+def key_create(app: App, alias, description, origin, rotation_period_days, provider):
     """Create a customer master key and print its id."""
     with open_store(app) as store:
         key = store.create_key(alias=alias, description=description, origin=origin,
-                               rotation_period_days=rotation_period_days)
+                               rotation_period_days=rotation_period_days, provider=provider)
     if key["state"] == "PendingImport":
         app.info(f"key {key['id']} created in PendingImport; next: `blockcrypt key "
                  f"get-import-params {_ref(key)} --out-dir DIR`")
