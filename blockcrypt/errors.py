@@ -329,8 +329,8 @@ class ProviderModuleError(EnvironmentProblem):
     exit_code = 88
 
 
-class PersistentAttachFailed(EnvironmentProblem):
-    """{failed} of {total} persistent disks could not be attached: {detail}"""
+class SomeDisksFailed(EnvironmentProblem):
+    """{failed} of {total} disks could not be {action} (the others were): {detail}"""
     exit_code = 89
 
 

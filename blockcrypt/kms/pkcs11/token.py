@@ -63,8 +63,17 @@ def _lib(provider: str, cfg: Pkcs11Config):
         if not lib.initialized:
             lib.initialize()
     except (p11.exceptions.PKCS11Error, OSError) as e:
-        raise errors.ProviderModuleError(provider=provider, module=cfg.module,
-                                         reason=str(e).splitlines()[0][:200]) from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if isinstance(e, OSError) or type(e) is p11.exceptions.PKCS11Error:
+            # dlopen or C_GetFunctionList failed: not a PKCS#11 library at all.
+            raise errors.ProviderModuleError(provider=provider, module=cfg.module,
+                                             reason=reason) from None
+        # A PKCS#11 library whose C_Initialize failed (its daemon or device not ready).
+        p11.unload(cfg.module)
+        raise errors.ProviderUnavailable(
+            provider=provider, reason=f"{cfg.module} failed to initialise "
+                                      f"({type(e).__name__}); check the token's service and "
+                                      "configuration, then run the command again") from None
     _STATE["libs"][cfg.module] = lib
     return lib
 
