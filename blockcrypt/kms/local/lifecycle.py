@@ -62,12 +62,7 @@ class Lifecycle(Operations):
         def work(f: Facts, dry: bool):
             backend = self._backends.for_provider(provider)
             f.needs_kek = backend.needs_kek
-            if provider != LOCAL and origin == ORIGIN_EXTERNAL:
-                raise errors.InvalidInput(
-                    detail=f"importing your own material (origin external) into key "
-                           f"provider {provider!r} is not supported yet; create the key with "
-                           "the local provider, or let the token generate it (origin "
-                           "blockcrypt)")
+
             if alias is not None:
                 validate_alias(alias)
             desc = validate_description(description)

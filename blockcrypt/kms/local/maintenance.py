@@ -20,7 +20,15 @@ from datetime import timedelta
 from ... import errors
 from ...storage.db import write_txn
 from .journal import Facts, Operations
-from .rules import DESTROYED, ENABLED, ORIGIN_BLOCKCRYPT, PENDING_DELETION, iso, parse_iso
+from .rules import (
+    DESTROYED,
+    DISABLED,
+    ENABLED,
+    ORIGIN_BLOCKCRYPT,
+    PENDING_DELETION,
+    iso,
+    parse_iso,
+)
 
 
 class Maintenance(Operations):
@@ -67,6 +75,34 @@ class Maintenance(Operations):
                 "automatic": True, "new_version": version,
                 "rotation_period_days": row["rotation_period_days"]}), None)
 
+    def expire_imported(self) -> None:
+        """Imported material whose ``--expires-at`` has passed goes; the key becomes
+        PendingImport (no KEK needed).  A provider that cannot be reached is tried again
+        next time; the key is unusable meanwhile only if its state already says so."""
+        from .imports import remove_material
+        rows = self.conn.execute(
+            "SELECT i.key_id, i.material_expires_at FROM kms_imported i JOIN kms_keys k ON "
+            "k.id = i.key_id WHERE i.material_expires_at IS NOT NULL AND k.state IN (?, ?)",
+            (ENABLED, DISABLED)).fetchall()
+        for r in rows:
+            if self._now() < parse_iso(r["material_expires_at"]):
+                continue
+            try:
+                with write_txn(self.conn):
+                    row = self.conn.execute(
+                        "SELECT k.state, i.material_expires_at FROM kms_keys k JOIN "
+                        "kms_imported i ON i.key_id = k.id WHERE k.id = ?",
+                        (r["key_id"],)).fetchone()
+                    if (row["state"] not in (ENABLED, DISABLED) or row["material_expires_at"]
+                            is None or self._now() < parse_iso(row["material_expires_at"])):
+                        continue
+                    remove_material(self, r["key_id"])
+                    self._journal.append("expire-material", Facts(r["key_id"], None, {
+                        "automatic": True, "material_expires_at": row["material_expires_at"],
+                        "previous_state": row["state"]}), None)
+            except errors.BlockcryptError:
+                pass  # provider unreachable: retried next open
+
     def destroy_expired(self) -> None:
         """Erase the material of keys whose deletion window has passed (no KEK needed)."""
         rows = self.conn.execute("SELECT id, deletion_date FROM kms_keys WHERE state = ?",
@@ -87,6 +123,9 @@ class Maintenance(Operations):
                 return
             # The provider's material first (token objects; idempotent), then the catalog's.
             self._backends.destroy(key_id)
+            for imp in self.conn.execute("SELECT private_key FROM kms_import WHERE key_id = ?",
+                                         (key_id,)).fetchall():
+                self._backends.for_key(key_id).destroy_import_key(imp["private_key"])
             self.conn.execute("UPDATE kms_key_versions SET material = NULL WHERE key_id = ?",
                               (key_id,))
             self.conn.execute("DELETE FROM kms_import WHERE key_id = ?", (key_id,))

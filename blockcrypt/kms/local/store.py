@@ -135,6 +135,7 @@ class KeyStore(KeyProvider):
             raise
         try:
             store._maintenance.destroy_expired()
+            store._maintenance.expire_imported()
             store._maintenance.rotate_due(unlocked=False)   # keys that need no passphrase
         except BaseException:
             store.close()
@@ -236,13 +237,22 @@ class KeyStore(KeyProvider):
         return self._lifecycle.rotate(ref)
 
     # -- BYOK (.imports) ---------------------------------------------------------------
-    def get_import_params(self, ref: str) -> dict:
-        """A fresh RSA-4096 wrapping key and a 24-hour import token (replacing older ones)."""
-        return self._imports.get_import_params(ref)
+    def get_import_params(self, ref: str, oaep_hash: str = "sha256") -> dict:
+        """A fresh RSA wrapping key (in the key's provider) and a 24-hour import token
+        (replacing older ones); ``oaep_hash`` is the OAEP hash the import will use."""
+        return self._imports.get_import_params(ref, oaep_hash)
 
-    def import_material(self, ref: str, wrapped_material: bytes, import_token: str) -> dict:
-        """Unwrap RSAES-OAEP-SHA-256-wrapped 32-byte material and enable the key."""
-        return self._imports.import_material(ref, wrapped_material, import_token)
+    def import_material(self, ref: str, wrapped_material: bytes, import_token: str,
+                        material_expires_at: datetime | None = None) -> dict:
+        """Unwrap RSA-OAEP-wrapped 32-byte material and enable the key; the material goes
+        again at ``material_expires_at`` (the key then waits in PendingImport)."""
+        return self._imports.import_material(ref, wrapped_material, import_token,
+                                             material_expires_at)
+
+    def delete_imported_material(self, ref: str) -> dict:
+        """Delete an imported key's material now: it becomes PendingImport; importing the
+        same material again brings it back."""
+        return self._imports.delete_material(ref)
 
     # -- envelope operations (.datakeys) ---------------------------------------------
     def generate_data_key(self, key_ref: str, context: dict[str, str]) -> tuple[Secret, bytes]:

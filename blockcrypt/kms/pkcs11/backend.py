@@ -25,13 +25,11 @@ from ...crypto.secret import Secret
 from .. import envelope
 from ..backend import KeyBackend
 from . import token
-from .config import PKCS11, Pkcs11Config
-
-CKA_ID_BYTES = 16
-GCM_TAG_BITS = 128
+from .config import CKA_ID_BYTES, GCM_TAG_BITS, PKCS11, Pkcs11Config
+from .imports import Pkcs11Import
 
 
-class Pkcs11Backend(KeyBackend):
+class Pkcs11Backend(Pkcs11Import, KeyBackend):
     """The token operations of one pkcs11 provider."""
 
     type = PKCS11
@@ -128,3 +126,4 @@ class Pkcs11Backend(KeyBackend):
                                                Attribute.ID: bytes(ref)})):
                     obj.destroy()
         self._call("key destruction", kill)
+

@@ -22,6 +22,8 @@ from ...crypto.secret import Secret
 PKCS11 = "pkcs11"
 MAX_PIN_BYTES = 256
 MAX_LABEL_CHARS = 32            # CK_TOKEN_INFO.label is 32 bytes
+CKA_ID_BYTES = 16               # random CKA_ID of each token object blockcrypt makes
+GCM_TAG_BITS = 128
 
 
 @dataclass(frozen=True)

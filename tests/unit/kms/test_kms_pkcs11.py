@@ -285,3 +285,53 @@ def test_passphrase_change_leaves_token_keys_alone(home, softhsm):
         ks.decrypt_data_key(blob, CTX).wipe()
     conn = sqlite3.connect(home.db_path)
     assert conn.execute("SELECT COUNT(*) FROM kms_key_versions").fetchone()[0] == 2
+
+
+def _oaep(h):
+    from cryptography.hazmat.primitives.asymmetric import padding
+    return padding.OAEP(mgf=padding.MGF1(h()), algorithm=h(), label=None)
+
+
+def test_byok_into_the_token_keeps_material_and_wrapping_key_inside(ks, softhsm):
+    from cryptography.hazmat.primitives import hashes, serialization
+    from pkcs11 import Attribute, ObjectClass
+    ks.create_key(alias="ext", origin="external", provider="hsm")
+    params = ks.get_import_params("ext", oaep_hash="sha1")
+    ref = ks.conn.execute("SELECT private_key FROM kms_import").fetchone()[0]
+    cka_id = bytes.fromhex(__import__("json").loads(ref)["cka_id"])
+
+    def rsa_private(s, exc):
+        (priv,) = list(s.get_objects({Attribute.ID: cka_id,
+                                      Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
+        return {a: priv[getattr(Attribute, a)] for a in ("SENSITIVE", "EXTRACTABLE", "UNWRAP",
+                                                         "DECRYPT", "SIGN", "TOKEN")}
+    assert on_token(softhsm, rsa_private) == {"SENSITIVE": True, "EXTRACTABLE": False,
+                                              "UNWRAP": True, "DECRYPT": False, "SIGN": False,
+                                              "TOKEN": True}
+    pub = serialization.load_pem_public_key(params["public_key_pem"].encode())
+    material = os.urandom(32)
+    # SoftHSM refuses OAEP with SHA-256: a clear error that names the way out.
+    sha256 = ks.get_import_params("ext", oaep_hash="sha256")
+    pub256 = serialization.load_pem_public_key(sha256["public_key_pem"].encode())
+    with pytest.raises(errors.TokenOperationFailed, match="--oaep-hash sha1"):
+        ks.import_material("ext", pub256.encrypt(material, _oaep(hashes.SHA256)),
+                           sha256["import_token"])
+    params = ks.get_import_params("ext", oaep_hash="sha1")
+    pub = serialization.load_pem_public_key(params["public_key_pem"].encode())
+    ks.import_material("ext", pub.encrypt(material, _oaep(hashes.SHA1)), params["import_token"])
+    (aes_id,) = versions(ks, ks.get_key("ext")["id"])
+
+    def state(s, exc):
+        (k,) = list(s.get_objects({Attribute.ID: aes_id}))
+        rsa_left = [o for i in (cka_id,) for o in s.get_objects({Attribute.ID: i})]
+        return ({a: k[getattr(Attribute, a)] for a in ("SENSITIVE", "EXTRACTABLE", "ENCRYPT",
+                                                       "DECRYPT", "WRAP", "UNWRAP")},
+                len(rsa_left))
+    attrs, rsa_left = on_token(softhsm, state)
+    assert attrs == {"SENSITIVE": True, "EXTRACTABLE": False, "ENCRYPT": True,
+                     "DECRYPT": True, "WRAP": False, "UNWRAP": False}
+    assert rsa_left == 0              # the wrapping key pairs are destroyed after the import
+    with pytest.raises(errors.InvalidInput, match="sha256"):
+        with KeyStore.open(ks.home, lambda: Secret(PASS)) as local:
+            local.create_key(alias="lext", origin="external")
+            local.get_import_params("lext", oaep_hash="sha1")

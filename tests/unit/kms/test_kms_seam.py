@@ -4,7 +4,8 @@
 - the key management package does not import the disk catalog: a key's dependants
   come from the callable the store is opened with (the CLI wires the catalog);
 - the tables a new home gets are byte-for-byte those of the store before the split,
-  plus the two provider tables (kms_providers, kms_key_provider);
+  plus the tables added for providers and imports (kms_providers, kms_key_provider,
+  kms_imported);
 - a home made by the code before providers existed (3a70a03) opens, gains the
   provider tables, and its keys and wrapped data keys keep working as local keys.
 """
@@ -31,7 +32,7 @@ SEAM = {"generate_data_key", "decrypt_data_key", "reencrypt_data_key", "get_key"
 # (commit 9db9e21): existing homes were made with exactly this DDL.
 KMS_SCHEMA_SHA256 = "2310231f4fac2f74f07fe0006c52f564690780ffe6e292426803d8d8b7357557"
 # The same for the entries the key providers added after them.
-PROVIDER_SCHEMA_SHA256 = "2a803c6ebe2877ae00a526755d09fdf52ebac0ab93cbf8aded4e033d61628b28"
+PROVIDER_SCHEMA_SHA256 = "bb3941ae992c59b1106ee0843574224c70717239ef144ba516b693887c23ed37"
 
 
 def test_the_local_store_is_a_key_provider_with_exactly_the_seams_methods():
@@ -80,10 +81,11 @@ def test_a_new_home_gets_the_same_key_tables_as_before(tmp_path):
         ).fetchall()
     finally:
         conn.close()
-    assert len(rows) == 15
+    assert len(rows) == 17
     assert hashlib.sha256(repr(rows[:11]).encode()).hexdigest() == KMS_SCHEMA_SHA256
     assert [r[1] for r in rows[11:]] == ["kms_providers", "sqlite_autoindex_kms_providers_1",
-                                         "kms_key_provider", "sqlite_autoindex_kms_key_provider_1"]
+                                         "kms_key_provider", "sqlite_autoindex_kms_key_provider_1",
+                                         "kms_imported", "sqlite_autoindex_kms_imported_1"]
     assert hashlib.sha256(repr(rows[11:]).encode()).hexdigest() == PROVIDER_SCHEMA_SHA256
 
 
