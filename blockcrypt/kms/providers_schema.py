@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS kms_providers (
 );
 CREATE TABLE IF NOT EXISTS kms_key_provider (
     key_id      TEXT PRIMARY KEY REFERENCES kms_keys(id),
-    provider    TEXT NOT NULL       -- a kms_providers name (kept after a removal for Destroyed keys)
+    provider    TEXT NOT NULL       -- a kms_providers name (kept for Destroyed keys)
 );
 CREATE TABLE IF NOT EXISTS kms_imported (
     key_id              TEXT PRIMARY KEY REFERENCES kms_keys(id),

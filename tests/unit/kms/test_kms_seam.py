@@ -32,7 +32,7 @@ SEAM = {"generate_data_key", "decrypt_data_key", "reencrypt_data_key", "get_key"
 # (commit 9db9e21): existing homes were made with exactly this DDL.
 KMS_SCHEMA_SHA256 = "2310231f4fac2f74f07fe0006c52f564690780ffe6e292426803d8d8b7357557"
 # The same for the entries the key providers added after them.
-PROVIDER_SCHEMA_SHA256 = "bb3941ae992c59b1106ee0843574224c70717239ef144ba516b693887c23ed37"
+PROVIDER_SCHEMA_SHA256 = "f00c68527463f6503b6123535e7164f687267738474853468064ebf9f82160cb"
 
 
 def test_the_local_store_is_a_key_provider_with_exactly_the_seams_methods():
