@@ -62,7 +62,6 @@ class Lifecycle(Operations):
         def work(f: Facts, dry: bool):
             backend = self._backends.for_provider(provider)
             f.needs_kek = backend.needs_kek
-
             if alias is not None:
                 validate_alias(alias)
             desc = validate_description(description)
