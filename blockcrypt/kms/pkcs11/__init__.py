@@ -5,7 +5,9 @@
                 and reading the PIN file (mode 0600 or refused)
 ``token``       the process-wide, lock-serialised, logged-in session per token
 ``backend``     :class:`Pkcs11Backend`: new key versions, GCM wrap / unwrap and
-                destruction inside the token; BYOK unwrap (RSA-OAEP) into it
+                destruction inside the token
+``imports``     its BYOK half: an RSA key pair in the token, C_UnwrapKey with
+                RSA-OAEP into a non-extractable AES key
 ==============  ==============================================================
 
 The catalog (:mod:`blockcrypt.kms.local`) keeps the keys' states and audit; this
