@@ -97,6 +97,16 @@ class SnapshotNotFound(NotFound):
     exit_code = 24
 
 
+class ProviderNotFound(NotFound):
+    """key provider {name!r} not found; run `blockcrypt provider list` to see the providers"""
+    exit_code = 27
+
+
+class TokenObjectMissing(NotFound):
+    """key {key_id} version {version}: its key object is missing from the token of provider {provider!r} (deleted outside blockcrypt?); data wrapped by that version cannot be unwrapped until the token object is restored from the token's backup"""
+    exit_code = 28
+
+
 # 30-39: wrong state ----------------------------------------------------------
 
 class StateError(BlockcryptError):
@@ -166,6 +176,16 @@ class PassphraseFileError(PassphraseError):
     exit_code = 43
 
 
+class PinIncorrect(PassphraseError):
+    """the token of key provider {provider!r} refused the PIN in {pin_file}; nothing was changed; put the token's user PIN in that file (mode 0600)"""
+    exit_code = 44
+
+
+class PinFileError(PassphraseError):
+    """PIN file {path} of key provider {provider!r}: {reason}"""
+    exit_code = 45
+
+
 # 50-59: cryptography ----------------------------------------------------------
 
 class CryptoError(BlockcryptError):
@@ -186,6 +206,11 @@ class BlobFormatError(CryptoError):
 class AuditTampered(CryptoError):
     """the audit trail was tampered with: {detail}"""
     exit_code = 53
+
+
+class TokenOperationFailed(CryptoError):
+    """the token of key provider {provider!r} refused {operation}: {reason}"""
+    exit_code = 55
 
 
 # 60-69: container format -----------------------------------------------------
@@ -292,6 +317,21 @@ class ServerError(EnvironmentProblem):
 class CommandFailed(EnvironmentProblem):
     """{cmd} failed (exit {rc}): {stderr}"""
     exit_code = 85
+
+
+class ProviderUnavailable(EnvironmentProblem):
+    """key provider {provider!r} is unavailable: {reason}"""
+    exit_code = 87
+
+
+class ProviderModuleError(EnvironmentProblem):
+    """key provider {provider!r}: {module} is not a usable PKCS#11 library ({reason}); pass the path of the token's PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so"""
+    exit_code = 88
+
+
+class SomeDisksFailed(EnvironmentProblem):
+    """{failed} of {total} disks could not be {action} (the others were): {detail}"""
+    exit_code = 89
 
 
 # 90-99: storage --------------------------------------------------------------

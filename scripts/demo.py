@@ -5,7 +5,9 @@ Walks the whole story with the CLI, as a user would type it: a customer master
 key, an encrypted disk used as a real block device, a snapshot taken while the
 file system is mounted, a disk made from that snapshot, proof that the disk
 file holds only ciphertext, the encryption rules refusing a conversion, the
-supported migration with `disk copy`, and the audit trail.
+supported migration with `disk copy`, a disk whose CMK is held in an HSM
+(a SoftHSM2 token, over PKCS#11) and attached without the store passphrase,
+and the audit trail.
 
 Every step checks that what happened is what the text says; the demo exits
 non-zero at the first step that does not behave as described.  Everything it
@@ -72,9 +74,11 @@ class Demo:
         print(f"   ok: {what}")
 
     # -- running the CLI -----------------------------------------------------------
-    def bc(self, *args: str, expect_exit: int = 0, quiet: bool = False) -> subprocess.CompletedProcess:
+    def bc(self, *args: str, expect_exit: int = 0, quiet: bool = False,
+           passphrase: bool = True) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "blockcrypt", "--home", str(self.home),
-                "--passphrase-file", str(self.passphrase_file), *map(str, args)]
+                *(["--passphrase-file", str(self.passphrase_file)] if passphrase else []),
+                *map(str, args)]
         shown = "blockcrypt " + shlex.join(map(str, args))
         print(f"   $ {shown}")
         cp = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=REPO)
@@ -87,8 +91,8 @@ class Demo:
                              f"{cp.stdout}{cp.stderr}")
         return cp
 
-    def bc_json(self, *args: str):
-        return json.loads(self.bc(*args, "--json", quiet=True).stdout)
+    def bc_json(self, *args: str, passphrase: bool = True):
+        return json.loads(self.bc(*args, "--json", quiet=True, passphrase=passphrase).stdout)
 
     def sh(self, *argv: str) -> subprocess.CompletedProcess:
         print(f"   $ {shlex.join(argv)}")
@@ -225,6 +229,8 @@ class Demo:
         found = _file_contains(self.disk_file("public"), self.marker.encode())
         self.check(found, "the unencrypted disk's file contains the plaintext, as it should")
 
+        self.hsm()
+
         self.step("The audit trail", """
             Every key operation (create, generate, decrypt, reencrypt; successful or
             refused) is recorded with time, key, encryption context and caller, in a
@@ -237,6 +243,57 @@ class Demo:
                    "creating, unwrapping and re-wrapping data keys were all audited")
         self.bc("audit", "verify")
         self.bc("disk", "list")
+
+    def hsm(self) -> None:
+        self.step("A disk under a CMK held in an HSM", """
+            A key provider of type pkcs11 keeps CMKs inside a token (here SoftHSM2) as
+            non-extractable AES-256 keys; data keys are wrapped inside the token.  The
+            token's PIN comes from a 0600 file; the store passphrase is not needed, so
+            such disks can attach unattended at boot.""")
+        hsm_dir = self.workdir / "softhsm"
+        (hsm_dir / "tokens").mkdir(parents=True)
+        conf = hsm_dir / "softhsm2.conf"
+        conf.write_text(f"directories.tokendir = {hsm_dir / 'tokens'}\n"
+                        "objectstore.backend = file\nlog.level = ERROR\n")
+        self.env["SOFTHSM2_CONF"] = str(conf)
+        pin = secrets.token_hex(8)
+        pin_file = self.workdir / "hsm.pin"
+        pin_file.write_text(pin + "\n")
+        pin_file.chmod(0o600)
+        # A throwaway demo token: softhsm2-util takes its PINs only from argv or a tty.
+        print("   $ softhsm2-util --init-token --free --label demo-hsm --so-pin ... --pin ...")
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "demo-hsm",
+                        "--so-pin", secrets.token_hex(8), "--pin", pin], env=self.env,
+                       check=True, capture_output=True)
+        self.bc("provider", "add", "hsm", "--type", "pkcs11", "--module",
+                "/usr/lib/softhsm/libsofthsm2.so", "--token-label", "demo-hsm",
+                "--pin-file", str(pin_file), passphrase=False)
+        key = self.bc_json("key", "create", "--alias", "hsm-key", "--provider", "hsm",
+                           passphrase=False)
+        self.check(key["provider"] == "hsm" and key["state"] == "Enabled",
+                   "the key was generated inside the token, without the store passphrase")
+        self.bc("disk", "create", "vault", "--size", "64M", "--key", "hsm-key",
+                passphrase=False)
+        dev = self.bc_json("disk", "attach", "vault", passphrase=False)["device"]
+        self.show(f"attached at {dev}")
+        block = (self.marker.encode() * 512)[:4096]
+        with open(dev, "r+b", buffering=0) as f:
+            f.write(block)
+            os.fsync(f.fileno())
+        self.bc("disk", "detach", "vault", passphrase=False)
+        dev = self.bc_json("disk", "attach", "vault", "--read-only", passphrase=False)["device"]
+        with open(dev, "rb", buffering=0) as f:
+            self.check(f.read(4096) == block, "the data reads back after re-attaching")
+        self.bc("disk", "detach", "vault", passphrase=False)
+        self.check(not _file_contains(self.disk_file("vault"), self.marker.encode()),
+                   "the disk file holds only ciphertext")
+        pin_file.chmod(0o644)
+        self.bc("disk", "attach", "vault", passphrase=False,
+                expect_exit=errors.PinFileError.exit_code)
+        pin_file.chmod(0o600)
+        records = [r for r in self.bc_json("audit", "--key", "hsm-key")]
+        self.check(all(r["details"].get("provider") == "hsm" for r in records),
+                   "every audit record of the key names its provider")
 
     # -- cleanup ---------------------------------------------------------------------------
     def cleanup(self) -> None:

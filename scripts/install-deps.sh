@@ -16,6 +16,7 @@ APT_PACKAGES=(
   nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client
   fuse3 e2fsprogs python3-venv util-linux kmod rsync cryptsetup-bin
   openssl fio qemu-utils qemu-system-x86 busybox-static xfsprogs
+  softhsm2 systemd
 )
 APT_PACKAGES+=(${BLOCKCRYPT_EXTRA_APT:-})
 

@@ -61,3 +61,34 @@ def env(home, passphrase_file, tmp_path):
         yield e
     finally:
         e.cleanup()
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory):
+    """One real SoftHSM2 token for the whole test session (see support.softhsm);
+    ``SOFTHSM2_CONF`` is set for this process and the CLI subprocesses it starts."""
+    from support.softhsm import make_token
+    token = make_token(tmp_path_factory.mktemp("softhsm"))
+    os.environ["SOFTHSM2_CONF"] = str(token.conf)
+    return token
+
+
+@pytest.fixture(params=["local", "pkcs11"])
+def provider_name(request) -> str:
+    """Every key provider, for the tests that must hold for each: ``local`` or the name
+    of a pkcs11 provider on the session's SoftHSM2 token (``hsm``)."""
+    if request.param == "pkcs11":
+        request.getfixturevalue("softhsm")
+        return "hsm"
+    return "local"
+
+
+@pytest.fixture
+def provider_args(provider_name, request):
+    """``key create`` arguments for each provider in turn: call it with the test's CLI
+    runner (it adds the pkcs11 provider ``hsm`` to that home) and append the result."""
+    def setup(cli) -> list[str]:
+        if provider_name != "local":
+            cli(*request.getfixturevalue("softhsm").provider_args(provider_name))
+        return ["--provider", provider_name]
+    return setup

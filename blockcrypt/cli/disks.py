@@ -37,6 +37,8 @@ def _print_disk(d: dict) -> None:
         rows += [("device", d["device"] or "-"), ("method", d["method"]),
                  ("read-only", "yes" if d["read_only"] else "no"),
                  ("socket", d["socket"] or "-")]
+    if "persistent" in d:
+        rows.append(("at boot", "attaches (persistent)" if d["persistent"] else "no"))
     rows.append(("file", d["path"]))
     click.echo(format_fields(rows))
 
@@ -169,8 +171,9 @@ def list_cmd(app: App):
 @pass_app
 def show_cmd(app: App, name):
     """Show one disk."""
+    from ..services.boot import PersistentDisks
     with _service(app) as svc:
-        d = svc.show(name)
+        d = PersistentDisks(svc).describe(name)
     app.emit(d, _print_disk)
 
 
@@ -186,26 +189,91 @@ def delete_cmd(app: App, name):
 
 
 @disk_group.command("attach")
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--read-only", is_flag=True, help="Attach read-only (writes fail with EROFS).")
 @click.option("--threads", type=int, default=None, metavar="N",
               help="nbdkit worker threads per connection (1-64, default 4). More help "
                    "only when the disk's file sits on slow or remote storage.")
+@click.option("--persistent", is_flag=True,
+              help="Also record that the disk attaches whenever the host runs (at boot, by "
+                   "the unit of `blockcrypt service install`).")
+@click.option("--all-persistent", is_flag=True,
+              help="Attach every persistent disk not attached yet (what the boot unit runs); "
+                   "one failing does not stop the others.")
+@click.option("--wait", "wait_s", type=click.FloatRange(0, 3600), default=0.0,
+              help="With --all-persistent: seconds to keep retrying, with backoff, disks whose "
+                   "key provider (e.g. an HSM) is not reachable yet.")
 @json_option
 @pass_app
-def attach_cmd(app: App, name, read_only, threads):
+def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, wait_s):
     """Attach a disk as a local block device (root) and print the device path."""
+    from ..services.boot import PersistentDisks, failures
+    if all_persistent:
+        if name or persistent or read_only or threads:
+            raise click.UsageError("--all-persistent takes no NAME, --persistent, --read-only "
+                                   "or --threads (each disk's recorded settings apply)")
+        with _service(app) as svc:
+            def waiting(disks: dict[str, str], retry_in: float) -> None:
+                for disk, why in sorted(disks.items()):
+                    click.echo(f"waiting: disk {disk}: {why}; retrying in {retry_in:g} s",
+                               err=True)
+            r = PersistentDisks(svc).attach_all(wait_s=wait_s, on_wait=waiting)
+        app.emit(r, "\n".join([f"attached disk {n}" for n in r["attached"]]
+                              + [f"disk {n} was attached already" for n in r["already"]])
+                 or "no persistent disks to attach")
+        err = failures(r, "attached")
+        if err is not None:
+            raise err
+        return
+    if not name:
+        raise click.UsageError("Missing argument 'NAME' (or pass --all-persistent).")
     with _service(app) as svc:
         d = svc.attach(name, read_only=read_only, threads=threads)
+        if persistent:
+            d = PersistentDisks(svc).set(name, True, read_only=read_only)
     app.emit(d, d["device"])
 
 
-@disk_group.command("detach")
+@disk_group.command("set")
 @click.argument("name")
+@click.option("--persistent/--no-persistent", default=None, required=True,
+              help="Attach the disk whenever the host runs (at boot), or no longer.")
+@click.option("--read-only", is_flag=True, help="With --persistent: attach it read-only.")
 @json_option
 @pass_app
-def detach_cmd(app: App, name):
+def set_cmd(app: App, name, persistent, read_only):
+    """Change a disk's settings: whether it attaches at boot."""
+    from ..services.boot import PersistentDisks
+    with _service(app) as svc:
+        d = PersistentDisks(svc).set(name, persistent, read_only=read_only)
+    app.emit(d, f"disk {name} {'attaches' if persistent else 'no longer attaches'} at boot"
+                + ("; install the boot unit with `blockcrypt service install`"
+                   if persistent else ""))
+
+
+@disk_group.command("detach")
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True,
+              help="Detach every attached disk (what the boot unit runs at shutdown); one "
+                   "failing does not stop the others.")
+@json_option
+@pass_app
+def detach_cmd(app: App, name, all_):
     """Detach an attached disk (refused while its device is mounted)."""
+    if all_:
+        if name:
+            raise click.UsageError("--all takes no NAME")
+        from ..services.boot import PersistentDisks, failures
+        with _service(app) as svc:
+            r = PersistentDisks(svc).detach_all()
+        app.emit(r, "\n".join(f"detached disk {n}" for n in r["detached"])
+                 or "no attached disks")
+        err = failures(r, "detached")
+        if err is not None:
+            raise err
+        return
+    if not name:
+        raise click.UsageError("Missing argument 'NAME' (or pass --all).")
     with _service(app) as svc:
         r = svc.detach(name)
     if r["stale"]:

@@ -1,4 +1,4 @@
-"""`blockcrypt key ...`: customer master keys (CMKs) in the local key store."""
+"""`blockcrypt key ...`: customer master keys (CMKs), in the local key store or a provider."""
 from __future__ import annotations
 
 import os
@@ -24,9 +24,10 @@ from .store import open_store
 
 @cli.group("key")
 def key_group():
-    """Customer master keys (CMKs) in the local key store.
+    """Customer master keys (CMKs).
 
-    A CMK wraps the data keys of disks; its material never leaves the store.
+    A CMK wraps the data keys of disks; its material never leaves its provider
+    (the local key store, or an HSM: see `blockcrypt provider`).
     KEY is a key id or an alias.
     """
 
@@ -44,16 +45,17 @@ def _print_key_list(keys: list[dict]) -> None:
     if not keys:
         click.echo("no keys yet; create one with `blockcrypt key create --alias NAME`")
         return
-    rows = [[k["id"], k["alias"], k["state"], k["origin"], _version_summary(k),
+    rows = [[k["id"], k["alias"], k["state"], k["provider"], k["origin"], _version_summary(k),
              f"{k['rotation_period_days']}d" if k["rotation_period_days"] else None,
              len(k["dependants"]), k["created_at"]] for k in keys]
-    click.echo(format_table(["ID", "ALIAS", "STATE", "ORIGIN", "VERSION", "ROTATION",
-                             "USED BY", "CREATED"], rows))
+    click.echo(format_table(["ID", "ALIAS", "STATE", "PROVIDER", "ORIGIN", "VERSION",
+                             "ROTATION", "USED BY", "CREATED"], rows))
 
 
 def _print_key(key: dict) -> None:
     fields = [("Key", key["id"]), ("Alias", key["alias"] or "-"),
               ("Description", key["description"] or "-"), ("State", key["state"]),
+              ("Provider", key["provider"]),
               ("Origin", key["origin"] + ("  (service key)" if key["service"] else "")),
               ("Created", key["created_at"])]
     if key["rotation_period_days"]:
@@ -69,6 +71,8 @@ def _print_key(key: dict) -> None:
         fields.append(("Destroyed", key["destroyed_at"]))
     if key["import_expires_at"]:
         fields.append(("Import token", f"valid until {key['import_expires_at']}"))
+    if key["material_expires_at"]:
+        fields.append(("Material", f"imported, expires {key['material_expires_at']}"))
     click.echo(format_fields(fields, colon=False))
     click.echo("\nVersions")
     if key["versions"]:
@@ -90,13 +94,16 @@ def _print_key(key: dict) -> None:
               help="'external' makes a key in PendingImport for your own material (BYOK).")
 @click.option("--rotation-period-days", type=int, default=None,
               help=f"Rotate automatically every N days ({ROTATION_DAYS_MIN}..{ROTATION_DAYS_MAX}).")
+@click.option("--provider", default="local", show_default=True,
+              help="The key provider that makes and keeps the material (`blockcrypt provider "
+                   "list`); e.g. a pkcs11 provider generates it inside the HSM.")
 @json_option
 @pass_app
-def key_create(app: App, alias, description, origin, rotation_period_days):
+def key_create(app: App, alias, description, origin, rotation_period_days, provider):
     """Create a customer master key and print its id."""
     with open_store(app) as store:
         key = store.create_key(alias=alias, description=description, origin=origin,
-                               rotation_period_days=rotation_period_days)
+                               rotation_period_days=rotation_period_days, provider=provider)
     if key["state"] == "PendingImport":
         app.info(f"key {key['id']} created in PendingImport; next: `blockcrypt key "
                  f"get-import-params {_ref(key)} --out-dir DIR`")
@@ -196,12 +203,16 @@ def key_rotate(app: App, key):
 @click.argument("key")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the wrapping public key (PEM) and the import token.")
+@click.option("--oaep-hash", type=click.Choice(byok.OAEP_HASHES), default="sha256",
+              show_default=True,
+              help="OAEP (and MGF1) hash the wrapped material will use; `local` keys take "
+                   "sha256; a pkcs11 token may need sha1 (SoftHSM 2.6).")
 @json_option
 @pass_app
-def key_get_import_params(app: App, key, out_dir: Path):
-    """Write an RSA-4096 wrapping public key and an import token (valid 24 hours)."""
+def key_get_import_params(app: App, key, out_dir: Path, oaep_hash: str):
+    """Write an RSA wrapping public key and an import token (valid 24 hours)."""
     with open_store(app) as store:
-        params = store.get_import_params(key)
+        params = store.get_import_params(key, oaep_hash=oaep_hash)
     if not out_dir.exists():
         ensure_private_dir(out_dir)
     stem = params["key_id"]
@@ -217,11 +228,11 @@ def key_get_import_params(app: App, key, out_dir: Path):
         f"wrapping public key  {pem_path}",
         f"import token         {token_path}  (valid until {params['expires_at']})",
         "",
-        f"Wrap your 32 bytes of key material with {byok.WRAPPING_ALGORITHM}, for example:",
+        f"Wrap your 32 bytes of key material with {params['wrapping_algorithm']}, for example:",
         f"  openssl pkeyutl -encrypt -pubin -inkey {pem_path} -in material.bin "
         "-out material.wrapped \\",
-        "    -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 "
-        "-pkeyopt rsa_mgf1_md:sha256",
+        f"    -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:{oaep_hash} "
+        f"-pkeyopt rsa_mgf1_md:{oaep_hash}",
         f"then: blockcrypt key import {key} --material material.wrapped --token {token_path}",
     ]))
 
@@ -246,10 +257,15 @@ def _write_private(path: Path, data: bytes) -> None:
               help="The wrapped material: RSA-OAEP ciphertext, raw (512 bytes) or base64.")
 @click.option("--token", required=True,
               help="The import token, or the file get-import-params wrote it to.")
+@click.option("--expires-at", default=None, metavar="TIME",
+              help="When the imported material expires (ISO 8601, UTC unless it has an "
+                   "offset): the key then becomes PendingImport and unwraps nothing until the "
+                   "same material is imported again.  Default: never.")
 @json_option
 @pass_app
-def key_import(app: App, key, material_file: Path, token: str):
+def key_import(app: App, key, material_file: Path, token: str, expires_at: str | None):
     """Import your own (wrapped) key material into a PendingImport key and enable it."""
+    expires = _parse_time("--expires-at", expires_at) if expires_at else None
     try:
         wrapped = material_file.read_bytes()
     except OSError as e:
@@ -262,5 +278,35 @@ def key_import(app: App, key, material_file: Path, token: str):
         except (OSError, UnicodeDecodeError) as e:
             raise errors.InvalidInput(detail=f"cannot read the import token {token_path}: {e}")
     with open_store(app) as store:
-        data = store.import_material(key, wrapped, token)
-    app.emit(data, f"key material imported: key {_ref(data)} is Enabled")
+        data = store.import_material(key, wrapped, token, material_expires_at=expires)
+    until = (f"; the material expires at {data['material_expires_at']}"
+             if data["material_expires_at"] else "")
+    app.emit(data, f"key material imported: key {_ref(data)} is Enabled{until}")
+
+
+def _parse_time(option: str, text: str):
+    from datetime import datetime, timezone
+    try:
+        t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.InvalidInput(
+            detail=f"{option} {text!r}: use an ISO 8601 time such as 2031-01-31T12:00:00Z"
+        ) from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+@key_group.command("delete-imported-material")
+@click.argument("key")
+@json_option
+@pass_app
+def key_delete_imported_material(app: App, key):
+    """Delete an imported key's material now (it becomes PendingImport).
+
+    Disks already attached keep running; nothing else unwraps until the same
+    material is imported again (get-import-params, then import).
+    """
+    with open_store(app) as store:
+        data = store.delete_imported_material(key)
+    app.emit(data, f"key {_ref(data)}: imported material deleted; it is PendingImport. "
+                   f"Import the same material again to restore it: `blockcrypt key "
+                   f"get-import-params {_ref(data)} --out-dir DIR`")

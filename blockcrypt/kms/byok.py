@@ -32,14 +32,31 @@ from .envelope import CMK_BYTES
 
 WRAPPING_ALGORITHM = "RSAES_OAEP_SHA_256"
 WRAPPING_KEY_SPEC = "RSA_4096"
+OAEP_HASHES = ("sha256", "sha1")
+"""OAEP hashes (also the MGF1 hash) an import may use; ``local`` takes only SHA-256, a
+pkcs11 provider either (SoftHSM 2.6 supports only SHA-1; real HSMs SHA-256)."""
+LOCAL_OAEP_HASHES = ("sha256",)
+
+
+def wrapping_algorithm(oaep_hash: str) -> str:
+    return {"sha256": "RSAES_OAEP_SHA_256", "sha1": "RSAES_OAEP_SHA_1"}[oaep_hash]
+
+
+def check_oaep_hash(oaep_hash: str, allowed: tuple[str, ...], provider: str) -> None:
+    if oaep_hash not in allowed:
+        raise errors.InvalidInput(
+            detail=f"key provider {provider!r} imports with OAEP hash "
+                   f"{' or '.join(allowed)}, not {oaep_hash!r}")
+
+
 RSA_BITS = 4096
 WRAPPED_BYTES = RSA_BITS // 8
 TOKEN_VALIDITY = timedelta(hours=24)
 
 
-def oaep() -> padding.OAEP:
-    return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()),
-                        algorithm=hashes.SHA256(), label=None)
+def oaep(oaep_hash: str = "sha256") -> padding.OAEP:
+    h = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}[oaep_hash]
+    return padding.OAEP(mgf=padding.MGF1(algorithm=h()), algorithm=h(), label=None)
 
 
 def new_wrapping_key() -> tuple[Secret, str]:
@@ -63,26 +80,26 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.strip().encode("utf-8")).hexdigest()
 
 
-def decode_wrapped(data: bytes) -> bytes:
-    """Accept the raw RSA ciphertext (512 bytes) or its base64 text."""
-    if len(data) == WRAPPED_BYTES:
+def decode_wrapped(data: bytes, wrapped_bytes: int = WRAPPED_BYTES) -> bytes:
+    """Accept the raw RSA ciphertext (512 bytes for RSA-4096) or its base64 text."""
+    if len(data) == wrapped_bytes:
         return data
     try:
         raw = base64.b64decode(b"".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raw = b""
-    if len(raw) != WRAPPED_BYTES:
+    if len(raw) != wrapped_bytes:
         raise errors.InvalidKeyMaterial(
-            reason=f"the wrapped material must be the {WRAPPED_BYTES}-byte RSA-OAEP "
+            reason=f"the wrapped material must be the {wrapped_bytes}-byte RSA-OAEP "
                    f"ciphertext (raw or base64), got {len(data)} bytes")
     return raw
 
 
-def unwrap_material(private_der: Secret, wrapped: bytes) -> Secret:
+def unwrap_material(private_der: Secret, wrapped: bytes, oaep_hash: str = "sha256") -> Secret:
     """RSAES-OAEP-SHA-256 decrypt -> exactly 32 bytes of CMK material."""
     key = serialization.load_der_private_key(private_der.view(), password=None)
     try:
-        plain = key.decrypt(decode_wrapped(wrapped), oaep())
+        plain = key.decrypt(decode_wrapped(wrapped), oaep(oaep_hash))
     except ValueError:
         raise errors.InvalidKeyMaterial(
             reason="the material could not be unwrapped; wrap it with RSAES-OAEP "

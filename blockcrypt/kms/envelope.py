@@ -10,7 +10,10 @@ algorithm can be told apart and refused with a clear error)::
     offset   size  field
     0        4     magic  b"BCWK"  (BlockCrypt Wrapped Key)
     4        1     format version   = 1
-    5        1     algorithm id     = 1  (AES-256-GCM over a 64-byte DK)
+    5        1     algorithm id     = 1  (AES-256-GCM over a 64-byte DK, by the
+                                          ``local`` provider in software)
+                                     = 2  (the same AES-256-GCM, computed inside a
+                                          PKCS#11 token by a ``pkcs11`` provider)
     6        1     key id length L  (1..64)
     7        L     key id           (ASCII: A-Z a-z 0-9 . _ -)
     7+L      4     key version      (>= 1)
@@ -24,7 +27,9 @@ of the encryption context (keys sorted, no whitespace, UTF-8).  The header is
 self-delimiting, so the concatenation is unambiguous.  Hence changing the key id,
 the key version, the format/algorithm bytes, or any context entry makes unwrap
 fail authentication; the caller binds the DK to the container it protects by
-putting the container's identity in the context.
+putting the container's identity in the context.  The algorithm id names the kind
+of provider that made the blob and the key id names the key, whose catalog entry
+names its provider (:mod:`blockcrypt.kms.providers_schema`); both are authenticated.
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ from ..crypto.secret import Secret
 MAGIC = b"BCWK"
 FORMAT_VERSION = 1
 ALG_AES256GCM_DK64 = 1
+ALG_PKCS11_AES256GCM_DK64 = 2
+ALGORITHMS = (ALG_AES256GCM_DK64, ALG_PKCS11_AES256GCM_DK64)
 CMK_BYTES = 32            # AES-256-GCM key per CMK version
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -87,7 +94,7 @@ def parse_wrapped(blob) -> WrappedKey:
     if version != FORMAT_VERSION:
         raise errors.BlobFormatError(
             reason=f"format version {version} is not supported by this blockcrypt; upgrade it")
-    if algorithm != ALG_AES256GCM_DK64:
+    if algorithm not in ALGORITHMS:
         raise errors.BlobFormatError(reason=f"unknown algorithm id {algorithm}")
     if not 1 <= id_len <= MAX_KEY_ID_BYTES:
         raise errors.BlobFormatError(reason=f"key id length {id_len} out of range 1..64")
@@ -124,12 +131,29 @@ def canonical_context(context) -> bytes:
     return out
 
 
-def _header(key_id: str, key_version: int) -> bytes:
+def _header(key_id: str, key_version: int, algorithm: int = ALG_AES256GCM_DK64) -> bytes:
     if not _KEY_ID_RE.fullmatch(key_id):
         raise errors.InvalidInput(detail=f"key id {key_id!r} cannot be stored in a blob")
     raw_id = key_id.encode("ascii")
-    return (MAGIC + bytes([FORMAT_VERSION, ALG_AES256GCM_DK64, len(raw_id)]) + raw_id
+    return (MAGIC + bytes([FORMAT_VERSION, algorithm, len(raw_id)]) + raw_id
             + struct.pack(_VERSION_FMT, key_version))
+
+
+def seal_parts(key_id: str, key_version: int, context: dict,
+               algorithm: int) -> tuple[bytes, bytes, bytes]:
+    """(header, fresh nonce, associated data) for a blob whose GCM runs elsewhere
+    (in a token): the caller returns ``header + nonce + ciphertext||tag``."""
+    header = _header(key_id, key_version, algorithm)
+    return header, os.urandom(NONCE_BYTES), header + canonical_context(context)
+
+
+def unwrap_failed(parsed: WrappedKey) -> errors.UnwrapError:
+    """The one error for a blob that does not open (wrong context, altered, other key)."""
+    return errors.UnwrapError(
+        what=f"a blob wrapped by key {parsed.key_id} version {parsed.key_version}",
+        reason="the encryption context does not match (the blob belongs to another "
+               "container, or the container's header was changed) or the blob was "
+               "altered")
 
 
 def new_data_key() -> Secret:
@@ -160,9 +184,5 @@ def unwrap(cmk: Secret, parsed: WrappedKey, context: dict) -> Secret:
         AESGCM(cmk.view()).decrypt_into(parsed.nonce, parsed.ciphertext, aad, dk.view())
     except InvalidTag:
         dk.wipe()
-        raise errors.UnwrapError(
-            what=f"a blob wrapped by key {parsed.key_id} version {parsed.key_version}",
-            reason="the encryption context does not match (the blob belongs to another "
-                   "container, or the container's header was changed) or the blob was "
-                   "altered") from None
+        raise unwrap_failed(parsed) from None
     return dk

@@ -10,8 +10,9 @@ creates its tables (catalog, audit, kms) what it has always been.
 from __future__ import annotations
 
 from ..storage.db import register_schema
-from . import audit
+from . import audit, providers_schema
 from .local import schema as local_schema
 
 register_schema("audit", audit.SCHEMA)
 register_schema("kms", local_schema.SCHEMA)
+register_schema("kms-providers", providers_schema.SCHEMA)

@@ -23,7 +23,8 @@ _SCHEMAS: list[tuple[str, str]] = []
 BUSY_TIMEOUT_S = 60.0
 # Modules that call register_schema at import; imported by connect() so every
 # connection sees every table, whatever the caller imported first.
-SCHEMA_MODULES = ("blockcrypt.storage.catalog", "blockcrypt.kms.schema")
+SCHEMA_MODULES = ("blockcrypt.storage.catalog", "blockcrypt.storage.persistent",
+                  "blockcrypt.kms.schema")
 
 
 def register_schema(name: str, ddl: str) -> None:

@@ -197,8 +197,8 @@ def test_refusals_with_error_classes(env):
 
 
 @pytest.mark.parametrize("how", ["disable", "schedule-deletion"])
-def test_attach_refused_when_key_unusable(env, how):
-    env.cli("key", "create", "--alias", "k")
+def test_attach_refused_when_key_unusable(env, how, provider_args):
+    env.cli("key", "create", "--alias", "k", *provider_args(env.cli))
     env.create("locked", "64M", "--key", "k")
     env.cli("key", how, "k", "--force")
     msg = env.refused(errors.KeyStateError, "disk", "attach", "locked")

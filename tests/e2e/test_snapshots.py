@@ -113,8 +113,8 @@ def data_area(path: Path) -> bytes:
 
 # -- snapshot of a detached disk, and a disk from it ---------------------------------
 
-def test_snapshot_and_disk_from_snapshot_inherit_key_and_data(env):
-    env.cli("key", "create", "--alias", "app")
+def test_snapshot_and_disk_from_snapshot_inherit_key_and_data(env, provider_args):
+    env.cli("key", "create", "--alias", "app", *provider_args(env.cli))
     env.cli("disk", "create", "src", "--size", "64M", "--key", "app", "--sector-size", "512")
     src = env.disk_path("src")
     a, b = pattern(1, 3 * MiB + 512), pattern(2, 4096)
@@ -237,9 +237,10 @@ def _state(env: Env):
     return (env.rows("disks"), env.rows("snapshots"), env.files("disks"), env.files("snapshots"))
 
 
-def test_every_refusal_has_its_class_and_changes_nothing(env, tmp_path):
-    env.cli("key", "create", "--alias", "k1")
-    env.cli("key", "create", "--alias", "k2")
+def test_every_refusal_has_its_class_and_changes_nothing(env, tmp_path, provider_args):
+    kp = provider_args(env.cli)
+    env.cli("key", "create", "--alias", "k1", *kp)
+    env.cli("key", "create", "--alias", "k2", *kp)
     env.cli("disk", "create", "enc", "--size", "16M", "--key", "k1")
     env.cli("disk", "create", "enc2", "--size", "16M", "--key", "k1")
     env.cli("disk", "create", "plain", "--size", "16M", "--no-encrypted")

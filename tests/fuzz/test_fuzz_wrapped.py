@@ -66,8 +66,9 @@ def assert_canonical(blob: bytes, parsed: envelope.WrappedKey) -> None:
     raw_id = parsed.key_id.encode("ascii")
     assert len(blob) == blob_size(len(raw_id))
     assert all(c in ID_ALPHABET for c in raw_id) and 1 <= len(raw_id) <= 64
-    assert parsed.key_version >= 1 and parsed.format_version == 1 and parsed.algorithm == 1
-    rebuilt = (b"BCWK" + bytes([1, 1, len(raw_id)]) + raw_id
+    assert parsed.key_version >= 1 and parsed.format_version == 1
+    assert parsed.algorithm in (1, 2)     # 1: local provider, 2: pkcs11 provider
+    rebuilt = (b"BCWK" + bytes([1, parsed.algorithm, len(raw_id)]) + raw_id
                + struct.pack(">I", parsed.key_version) + parsed.nonce + parsed.ciphertext)
     assert rebuilt == blob and parsed.header == blob[:len(parsed.header)]
 

@@ -32,16 +32,18 @@ class DataKeys(Operations):
             f.key_id = row["id"]
             if row["state"] != ENABLED:
                 raise state_error(row, "wrap a new data key")
+            backend = self._backends.for_key(row["id"])
+            f.needs_kek = backend.needs_kek
             f.key_version = self._vault.current_version(row["id"])
             if dry:
                 return None
-            with self._vault.material(row["id"], f.key_version) as cmk:
-                dk = envelope.new_data_key()
-                try:
-                    return dk, envelope.wrap(cmk, row["id"], f.key_version, dk, context)
-                except BaseException:
-                    dk.wipe()
-                    raise
+            ref = self._backends.ref(row["id"], f.key_version)
+            dk = envelope.new_data_key()
+            try:
+                return dk, backend.wrap(row["id"], f.key_version, ref, dk, context)
+            except BaseException:
+                dk.wipe()
+                raise
 
         return self._journal.run("generate", work, context=context, needs_kek=True)
 
@@ -51,8 +53,8 @@ class DataKeys(Operations):
             parsed = self._usable_blob(f, wrapped, context, "unwrap a data key")
             if dry:
                 return None
-            with self._vault.material(parsed.key_id, parsed.key_version) as cmk:
-                return envelope.unwrap(cmk, parsed, context)
+            return self._backends.for_key(parsed.key_id).unwrap(
+                parsed, self._backends.ref(parsed.key_id, parsed.key_version), context)
 
         return self._journal.run("decrypt", work, context=context, needs_kek=True)
 
@@ -66,10 +68,11 @@ class DataKeys(Operations):
             new_version = self._vault.current_version(parsed.key_id)
             if dry:
                 return None
-            with self._vault.material(parsed.key_id, parsed.key_version) as cmk:
-                dk = envelope.unwrap(cmk, parsed, old_context)
-            with dk, self._vault.material(parsed.key_id, new_version) as cmk:
-                blob = envelope.wrap(cmk, parsed.key_id, new_version, dk, new_context)
+            backend, ids = self._backends.for_key(parsed.key_id), self._backends
+            dk = backend.unwrap(parsed, ids.ref(parsed.key_id, parsed.key_version), old_context)
+            with dk:
+                blob = backend.wrap(parsed.key_id, new_version,
+                                    ids.ref(parsed.key_id, new_version), dk, new_context)
             f.key_version = new_version
             return blob
 
@@ -84,6 +87,7 @@ class DataKeys(Operations):
             raise errors.KeyNotFound(name=parsed.key_id)
         if row["state"] != ENABLED:
             raise state_error(row, action)
+        f.needs_kek = self._backends.for_key(parsed.key_id).needs_kek
         exists = self.conn.execute("SELECT 1 FROM kms_key_versions WHERE key_id = ? AND "
                                    "version = ? AND material IS NOT NULL",
                                    (parsed.key_id, parsed.key_version)).fetchone()

@@ -23,6 +23,7 @@ from typing import Callable, TypeVar
 from ... import errors
 from ...storage.db import write_txn
 from .. import audit
+from .backends import Backends
 from .rows import KeyRows
 from .rules import iso_us
 from .vault import Vault
@@ -38,6 +39,8 @@ class Facts:
     key_version: int | None = None
     details: dict = field(default_factory=dict)
     audit: bool = True
+    needs_kek: bool = True
+    """Set False by a dry run whose key's provider needs no store passphrase (pkcs11)."""
 
 
 Work = Callable[[Facts, bool], T]
@@ -49,11 +52,13 @@ class Journal:
     and before the operation's transaction (the store's automatic rotations)."""
 
     def __init__(self, conn: sqlite3.Connection, vault: Vault, now: Callable[[], datetime],
-                 after_unlock: Callable[[], None]):
+                 after_unlock: Callable[[], None],
+                 provider_of: Callable[[str], str] = lambda key_id: "local"):
         self.conn = conn
         self._vault = vault
         self._now = now
         self._after_unlock = after_unlock
+        self._provider_of = provider_of
 
     def run(self, operation: str, work: Work[T], *, context: dict | None = None,
             needs_kek: bool = False) -> T:
@@ -62,11 +67,15 @@ class Journal:
         With needs_kek, work first runs as a dry check (dry=True, no writes), so a
         refusal comes before the passphrase is asked for; then the KEK is derived
         outside the write lock, and work runs for real inside the transaction.
+        The dry run may clear ``facts.needs_kek`` (a key whose provider needs no
+        passphrase): the check runs all the same, the passphrase is not asked for.
         """
         facts = Facts()
         try:
             if needs_kek:
                 work(facts, True)
+                needs_kek = facts.needs_kek
+            if needs_kek:
                 self._vault.unlock()
                 self._after_unlock()
             with write_txn(self.conn):
@@ -89,13 +98,17 @@ class Journal:
 
     def append(self, operation: str, f: Facts, context: dict | None,
                error: errors.BlockcryptError | None = None) -> None:
-        """One audit record (inside the caller's write transaction)."""
+        """One audit record (inside the caller's write transaction); a record about a key
+        names the key's provider."""
+        details = f.details
+        if f.key_id is not None and "provider" not in details:
+            details = {**details, "provider": self._provider_of(f.key_id)}
         audit.append(self.conn, time=iso_us(self._now()), operation=operation,
                      key_id=f.key_id, key_version=f.key_version,
                      context=context if isinstance(context, dict) else None,
                      result="refused" if error else "success",
                      error=f"{type(error).__name__}: {error.message}" if error else None,
-                     details=f.details)
+                     details=details)
 
 
 class Operations:
@@ -103,9 +116,10 @@ class Operations:
     :mod:`.imports`, :mod:`.datakeys`): the parts of one open store they work with."""
 
     def __init__(self, conn: sqlite3.Connection, vault: Vault, journal: Journal,
-                 rows: KeyRows, now: Callable[[], datetime]):
+                 rows: KeyRows, now: Callable[[], datetime], backends: Backends):
         self.conn = conn
         self._vault = vault
         self._journal = journal
         self._rows = rows
         self._now = now
+        self._backends = backends

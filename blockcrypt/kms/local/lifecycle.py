@@ -23,6 +23,7 @@ from datetime import timedelta
 
 from ... import errors
 from ...testing.crashpoints import crashpoint
+from ..backend import LOCAL
 from .journal import Facts, Operations
 from .rows import label, ref, state_error
 from .rules import (
@@ -55,9 +56,12 @@ class Lifecycle(Operations):
 
     def create_key(self, alias: str | None = None, description: str | None = None,
                    origin: str = ORIGIN_BLOCKCRYPT,
-                   rotation_period_days: int | None = None) -> dict:
-        """A new CMK: Enabled with version 1, or PendingImport for origin 'external'."""
+                   rotation_period_days: int | None = None, provider: str = LOCAL) -> dict:
+        """A new CMK: Enabled with version 1, or PendingImport for origin 'external'.
+        Its material lives in ``provider`` (default: the built-in local store)."""
         def work(f: Facts, dry: bool):
+            backend = self._backends.for_provider(provider)
+            f.needs_kek = backend.needs_kek
             if alias is not None:
                 validate_alias(alias)
             desc = validate_description(description)
@@ -77,11 +81,12 @@ class Lifecycle(Operations):
             if alias is not None and self._rows.find_alias(alias) is not None:
                 raise errors.AlreadyExists(what="key alias", name=alias)
             f.details = {"alias": alias, "origin": origin,
-                         "rotation_period_days": rotation_period_days}
+                         "rotation_period_days": rotation_period_days, "provider": provider}
             if dry:
                 return None
             return self._insert_key(f, alias=alias, description=desc, origin=origin,
-                                    rotation_period_days=rotation_period_days)
+                                    rotation_period_days=rotation_period_days,
+                                    provider=provider)
 
         key_id = self._journal.run("create", work, needs_kek=(origin == ORIGIN_BLOCKCRYPT))
         return self._get(key_id)
@@ -204,9 +209,10 @@ class Lifecycle(Operations):
             row = self._rows.row(ref_)
             f.key_id = row["id"]
             self._check_rotatable(row)
+            f.needs_kek = self._backends.for_key(row["id"]).needs_kek
             if dry:
                 return
-            f.key_version = self._vault.add_version(row["id"], self._now())
+            f.key_version = self._backends.add_version(row["id"], self._now())
             f.details["new_version"] = f.key_version
             crashpoint("rotate:before-commit")
 
@@ -215,7 +221,7 @@ class Lifecycle(Operations):
 
     # -- internals -----------------------------------------------------------------
     def _insert_key(self, f: Facts, *, alias, description, origin, rotation_period_days,
-                    service: bool = False) -> str:
+                    service: bool = False, provider: str = LOCAL) -> str:
         key_id = str(uuid.uuid4())
         t = iso(self._now())
         state = ENABLED if origin == ORIGIN_BLOCKCRYPT else PENDING_IMPORT
@@ -225,8 +231,11 @@ class Lifecycle(Operations):
             (key_id, alias, description, state, origin, int(service), t,
              rotation_period_days, t if origin == ORIGIN_BLOCKCRYPT else None))
         f.key_id = key_id
+        if provider != LOCAL:
+            self.conn.execute("INSERT INTO kms_key_provider (key_id, provider) VALUES (?, ?)",
+                              (key_id, provider))
         if origin == ORIGIN_BLOCKCRYPT:
-            f.key_version = self._vault.add_version(key_id, self._now())
+            f.key_version = self._backends.add_version(key_id, self._now())
         return key_id
 
     def _check_dependants(self, f: Facts, row, force: bool, next_step: str) -> None:

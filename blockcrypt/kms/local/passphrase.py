@@ -75,7 +75,8 @@ def change_passphrase(vault: Vault, journal: Journal, new: Secret) -> None:
             return
         new_kek, count = made["kek"], 0
         rows = conn.execute("SELECT key_id, version, material FROM kms_key_versions "
-                            "WHERE material IS NOT NULL").fetchall()
+                            "WHERE material IS NOT NULL AND key_id NOT IN "
+                            "(SELECT key_id FROM kms_key_provider)").fetchall()
         for r in rows:
             ad = vault.material_ad(r["key_id"], r["version"])
             with vault.unseal(r["material"], ad,
@@ -86,7 +87,8 @@ def change_passphrase(vault: Vault, journal: Journal, new: Secret) -> None:
                          (sealed, r["key_id"], r["version"]))
             count += 1
             crashpoint("passphrase-change:after-first-key")
-        for r in conn.execute("SELECT key_id, private_key FROM kms_import").fetchall():
+        for r in conn.execute("SELECT key_id, private_key FROM kms_import WHERE key_id NOT IN "
+                              "(SELECT key_id FROM kms_key_provider)").fetchall():
             ad = vault.import_ad(r["key_id"])
             with vault.unseal(r["private_key"], ad,
                               f"the import wrapping key of key {r['key_id']}") as m:

@@ -105,9 +105,14 @@ class KeyRows:
                                 + timedelta(days=row["rotation_period_days"]))
         imp = self.conn.execute("SELECT expires_at FROM kms_import WHERE key_id = ?",
                                 (row["id"],)).fetchone()
+        prov = self.conn.execute("SELECT provider FROM kms_key_provider WHERE key_id = ?",
+                                 (row["id"],)).fetchone()
+        imported = self.conn.execute("SELECT material_expires_at FROM kms_imported WHERE "
+                                     "key_id = ?", (row["id"],)).fetchone()
         return {
             "id": row["id"], "alias": row["alias"], "description": row["description"],
             "state": row["state"], "origin": row["origin"], "service": bool(row["service"]),
+            "provider": prov["provider"] if prov else "local",
             "created_at": row["created_at"],
             "rotation_period_days": row["rotation_period_days"],
             "last_rotated_at": row["last_rotated_at"], "next_rotation_at": next_rotation,
@@ -116,4 +121,5 @@ class KeyRows:
             "versions": versions,
             "dependants": self.dependants(row["id"]),
             "import_expires_at": imp["expires_at"] if imp else None,
+            "material_expires_at": imported["material_expires_at"] if imported else None,
         }

@@ -38,13 +38,16 @@ from ...crypto.secret import Secret
 from ...storage import db
 from ...storage.home import Home
 from .. import audit, envelope
+from ..backend import LOCAL
 from ..provider import KeyProvider
 from . import passphrase as passphrase_ops
+from .backends import Backends
 from .datakeys import DataKeys
 from .imports import Imports
 from .journal import Facts, Journal
 from .lifecycle import Lifecycle
 from .maintenance import Maintenance
+from .providers import Providers
 from .rows import Dependants, KeyRows, no_dependants, state_error
 from .rules import ENABLED, ORIGIN_BLOCKCRYPT, PENDING_DAYS_DEFAULT, iso_us, utc_now
 from .schema import STORE_FORMAT_VERSION
@@ -73,13 +76,16 @@ class KeyStore(KeyProvider):
         self.store_id: str = row["store_id"]
         self._vault = Vault(home, conn, self.store_id, passphrase_source)
         self._rows = KeyRows(conn, dependants)
+        self._backends = Backends(conn, self._vault)
         self._journal = Journal(conn, self._vault, self._now,
-                                after_unlock=lambda: self._maintenance.rotate_due())
-        parts = (conn, self._vault, self._journal, self._rows, self._now)
+                                after_unlock=lambda: self._maintenance.rotate_due(),
+                                provider_of=self._backends.provider_of)
+        parts = (conn, self._vault, self._journal, self._rows, self._now, self._backends)
         self._maintenance = Maintenance(*parts)
         self._lifecycle = Lifecycle(*parts)
         self._imports = Imports(*parts)
         self._data_keys = DataKeys(*parts)
+        self._providers = Providers(*parts)
 
     # -- opening and closing ---------------------------------------------------------
     @staticmethod
@@ -129,12 +135,15 @@ class KeyStore(KeyProvider):
             raise
         try:
             store._maintenance.destroy_expired()
+            store._maintenance.expire_imported()
+            store._maintenance.rotate_due(unlocked=False)   # keys that need no passphrase
         except BaseException:
             store.close()
             raise
         return store
 
     def close(self) -> None:
+        self._backends.close()
         self._vault.wipe()
         self.conn.close()
 
@@ -182,9 +191,26 @@ class KeyStore(KeyProvider):
     # -- key lifecycle (.lifecycle) ------------------------------------------------
     def create_key(self, alias: str | None = None, description: str | None = None,
                    origin: str = ORIGIN_BLOCKCRYPT,
-                   rotation_period_days: int | None = None) -> dict:
-        """A new CMK: Enabled with version 1, or PendingImport for origin 'external'."""
-        return self._lifecycle.create_key(alias, description, origin, rotation_period_days)
+                   rotation_period_days: int | None = None, provider: str = LOCAL) -> dict:
+        """A new CMK: Enabled with version 1, or PendingImport for origin 'external'.
+        Its material is made and kept by ``provider`` (default: ``local``)."""
+        return self._lifecycle.create_key(alias, description, origin, rotation_period_days,
+                                          provider)
+
+    # -- key providers (.providers) ----------------------------------------------------
+    def add_provider(self, name: str, type_: str, **options) -> dict:
+        """Register a provider after checking that it works (e.g. the token logs in)."""
+        return self._providers.add(name, type_, options)
+
+    def list_providers(self) -> list[dict]:
+        return self._providers.list()
+
+    def get_provider(self, name: str) -> dict:
+        return self._providers.get(name)
+
+    def remove_provider(self, name: str) -> dict:
+        """Forget a provider; refused while keys that are not Destroyed use it."""
+        return self._providers.remove(name)
 
     def default_key(self) -> dict:
         """The service key (alias blockcrypt/default), created on first use."""
@@ -211,13 +237,22 @@ class KeyStore(KeyProvider):
         return self._lifecycle.rotate(ref)
 
     # -- BYOK (.imports) ---------------------------------------------------------------
-    def get_import_params(self, ref: str) -> dict:
-        """A fresh RSA-4096 wrapping key and a 24-hour import token (replacing older ones)."""
-        return self._imports.get_import_params(ref)
+    def get_import_params(self, ref: str, oaep_hash: str = "sha256") -> dict:
+        """A fresh RSA wrapping key (in the key's provider) and a 24-hour import token
+        (replacing older ones); ``oaep_hash`` is the OAEP hash the import will use."""
+        return self._imports.get_import_params(ref, oaep_hash)
 
-    def import_material(self, ref: str, wrapped_material: bytes, import_token: str) -> dict:
-        """Unwrap RSAES-OAEP-SHA-256-wrapped 32-byte material and enable the key."""
-        return self._imports.import_material(ref, wrapped_material, import_token)
+    def import_material(self, ref: str, wrapped_material: bytes, import_token: str,
+                        material_expires_at: datetime | None = None) -> dict:
+        """Unwrap RSA-OAEP-wrapped 32-byte material and enable the key; the material goes
+        again at ``material_expires_at`` (the key then waits in PendingImport)."""
+        return self._imports.import_material(ref, wrapped_material, import_token,
+                                             material_expires_at)
+
+    def delete_imported_material(self, ref: str) -> dict:
+        """Delete an imported key's material now: it becomes PendingImport; importing the
+        same material again brings it back."""
+        return self._imports.delete_material(ref)
 
     # -- envelope operations (.datakeys) ---------------------------------------------
     def generate_data_key(self, key_ref: str, context: dict[str, str]) -> tuple[Secret, bytes]:

@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 from ... import errors
 from ...crypto.secret import Secret
 from ...storage.home import Home
-from .. import envelope, kdf
+from .. import kdf
 from .rules import iso
 
 VERIFIER = b"blockcrypt key store passphrase verifier v1"
@@ -122,14 +122,15 @@ class Vault:
         return self.unseal(row["material"], self.material_ad(key_id, version),
                            f"the material of key {key_id} version {version}")
 
-    def add_version(self, key_id: str, now: datetime) -> int:
-        """New random material as the key's newest version, which also becomes its
-        ``last_rotated_at`` (inside a write transaction)."""
+    def add_version(self, key_id: str, now: datetime,
+                    new_material: Callable[[str, int], bytes]) -> int:
+        """New material from ``new_material(key_id, version)`` (a provider backend's:
+        sealed material, or a token object's id) as the key's newest version, which
+        also becomes its ``last_rotated_at`` (inside a write transaction)."""
         version = self.conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM "
                                     "kms_key_versions WHERE key_id = ?", (key_id,)).fetchone()[0]
         t = iso(now)
-        with Secret.random(envelope.CMK_BYTES) as material:
-            sealed = self.seal(material.view(), self.material_ad(key_id, version))
+        sealed = new_material(key_id, version)
         self.conn.execute("INSERT INTO kms_key_versions (key_id, version, created_at, material)"
                           " VALUES (?, ?, ?, ?)", (key_id, version, t, sealed))
         self.conn.execute("UPDATE kms_keys SET last_rotated_at = ? WHERE id = ?", (t, key_id))

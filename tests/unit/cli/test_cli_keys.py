@@ -141,9 +141,9 @@ def test_create_list_show(store):
     assert shown == out_json(store("key", "show", key_id, "--json")) == listed[0]
     assert (shown["description"], shown["rotation_period_days"]) == ("database disks", 365)
     table = store("key", "list").stdout.decode().splitlines()
-    assert table[0].split() == ["ID", "ALIAS", "STATE", "ORIGIN", "VERSION", "ROTATION",
-                                "USED", "BY", "CREATED"]
-    assert table[1].split()[:3] == [key_id, "db", "Enabled"]
+    assert table[0].split() == ["ID", "ALIAS", "STATE", "PROVIDER", "ORIGIN", "VERSION",
+                                "ROTATION", "USED", "BY", "CREATED"]
+    assert table[1].split()[:4] == [key_id, "db", "Enabled", "local"]
     # Columns line up: every row starts its STATE column at the same offset.
     assert len({line.index(s) for line, s in zip(table, ["STATE", "Enabled",
                                                          "PendingImport"])}) == 1
@@ -151,8 +151,8 @@ def test_create_list_show(store):
     assert "every 365 days" in text and "current (new wraps)" in text and "nothing" in text
 
 
-def test_state_commands_and_refusals(store, home):
-    store("key", "create", "--alias", "k")
+def test_state_commands_and_refusals(store, home, provider_args):
+    store("key", "create", "--alias", "k", *provider_args(store))
     assert out_json(store("key", "disable", "k", "--json"))["state"] == "Disabled"
     assert out_json(store("key", "enable", "k", "--json"))["state"] == "Enabled"
     assert_fails(store("key", "schedule-deletion", "k", "--pending-days", "6", check=False),

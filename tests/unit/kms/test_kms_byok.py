@@ -119,3 +119,78 @@ def test_imported_material_wraps_data_keys(ks):
     ks.disable("ext")
     ks.schedule_deletion("ext")
     assert ks.cancel_deletion("ext")["state"] == "Disabled"   # it has material now
+
+
+# -- BYOK in every provider: expiry, deletion and re-import of the same material ----------
+
+def oaep_for(provider_name: str):
+    """SoftHSM 2.6 unwraps RSA-OAEP with SHA-1 only; the local store takes SHA-256."""
+    h = hashes.SHA1 if provider_name != "local" else hashes.SHA256
+    return ("sha1" if provider_name != "local" else "sha256",
+            padding.OAEP(mgf=padding.MGF1(h()), algorithm=h(), label=None))
+
+
+def test_byok_expiry_deletion_and_reimport_in_each_provider(ks, clock, provider_name, request):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from blockcrypt.kms import parse_wrapped
+    if provider_name != "local":
+        ks.add_provider(provider_name, "pkcs11",
+                        **request.getfixturevalue("softhsm").provider_options())
+    ks.create_key(alias="ext", origin="external", provider=provider_name)
+    name, pad = oaep_for(provider_name)
+    params = ks.get_import_params("ext", oaep_hash=name)
+    assert params["wrapping_algorithm"] == f"RSAES_OAEP_SHA_{name[3:]}"
+    assert params["wrapping_key_spec"] == ("RSA_4096" if provider_name == "local"
+                                           else "RSA_3072")
+    material = os.urandom(32)
+    with pytest.raises(errors.InvalidInput, match="not in the future"):
+        ks.import_material("ext", wrap_for(params, material, pad), params["import_token"],
+                           material_expires_at=clock.t)
+    key = ks.import_material("ext", wrap_for(params, material, pad), params["import_token"],
+                             material_expires_at=clock.t + timedelta(days=10))
+    assert (key["state"], key["material_expires_at"]) == ("Enabled", "2031-06-11T00:00:00Z")
+    assert key["provider"] == provider_name
+    ctx = {"disk": "a"}
+    dk, blob = ks.generate_data_key("ext", ctx)
+    p = parse_wrapped(blob)       # the provider's key is the user's material, in either case
+    assert AESGCM(material).decrypt(p.nonce, p.ciphertext, p.header + b'{"disk":"a"}') == dk
+
+    # The material expires: PendingImport, nothing unwraps (the check happens at open).
+    clock.t += timedelta(days=10)
+    with KeyStore.open(ks.home, lambda: Secret(PASS), now=clock) as later:
+        gone = later.get_key("ext")
+        assert (gone["state"], gone["current_version"], gone["material_expires_at"]) == (
+            "PendingImport", None, None)
+        with pytest.raises(errors.KeyStateError, match="PendingImport"):
+            later.decrypt_data_key(blob, ctx)
+        assert [r["operation"] for r in later.audit_records(key="ext")][-2:] == [
+            "expire-material", "decrypt"]
+        # Other material is refused; the same material brings the key (and its blobs) back.
+        params = later.get_import_params("ext", oaep_hash=name)
+        with pytest.raises(errors.InvalidKeyMaterial, match="not the material"):
+            later.import_material("ext", wrap_for(params, os.urandom(32), pad),
+                                  params["import_token"])
+        assert later.get_key("ext")["state"] == "PendingImport"
+        back = later.import_material("ext", wrap_for(params, material, pad),
+                                     params["import_token"])
+        assert (back["state"], back["current_version"], back["material_expires_at"]) == (
+            "Enabled", 1, None)
+        with later.decrypt_data_key(blob, ctx) as again:
+            assert again == dk
+        # Deleting the material now, then importing it again, likewise.
+        assert later.delete_imported_material("ext")["state"] == "PendingImport"
+        with pytest.raises(errors.KeyStateError, match="PendingImport"):
+            later.decrypt_data_key(blob, ctx)
+        with pytest.raises(errors.KeyStateError, match="no material now"):
+            later.delete_imported_material("ext")
+        params = later.get_import_params("ext", oaep_hash=name)
+        later.import_material("ext", wrap_for(params, material, pad), params["import_token"])
+        with later.decrypt_data_key(blob, ctx) as again:
+            assert again == dk
+        later.create_key(alias="native", provider=provider_name)
+        with pytest.raises(errors.KeyStateError, match="only imported material"):
+            later.delete_imported_material("native")
+        ops = [r["operation"] for r in later.audit_records(key="ext")
+               if r["result"] == "success"]
+        assert ops.count("import") == 3 and "delete-imported-material" in ops

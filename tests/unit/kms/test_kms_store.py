@@ -1,6 +1,12 @@
-"""The local key store (blockcrypt/kms/local/): states, refusals, rotation, deletion, passphrase."""
+"""The key catalog (blockcrypt/kms/local/): states, refusals, rotation, deletion, passphrase.
+
+Tests that take ``new_key`` (or ``provider_name``) run once per key provider: keys
+whose material is in the local store and keys held by a real SoftHSM2 token over
+PKCS#11, with the same assertions (the states and refusals are shared code).
+"""
 from __future__ import annotations
 
+import functools
 import sqlite3
 from datetime import datetime, timedelta, timezone
 
@@ -51,6 +57,22 @@ def ks(store_home, clock):
     s = KeyStore.open(store_home, source(), now=clock, dependants=catalog.key_dependants)
     yield s
     s.close()
+
+
+def key_maker(ks: KeyStore, provider_name: str, request) -> functools.partial:
+    """``ks.create_key`` with the key's material in ``provider_name`` (added to the store
+    on the session's SoftHSM2 token the first time)."""
+    if provider_name != "local" and all(p["name"] != provider_name
+                                        for p in ks.list_providers()):
+        ks.add_provider(provider_name, "pkcs11",
+                        **request.getfixturevalue("softhsm").provider_options())
+    return functools.partial(ks.create_key, provider=provider_name)
+
+
+@pytest.fixture
+def new_key(ks, provider_name, request):
+    """Create a key in each provider in turn (the test runs once per provider)."""
+    return key_maker(ks, provider_name, request)
 
 
 def key_tables(home: Home) -> dict:
@@ -183,8 +205,8 @@ def test_unknown_keys_are_not_found_everywhere(ks):
 
 # -- state transitions ----------------------------------------------------------------
 
-def test_every_transition_of_a_generated_key(ks, clock):
-    k = ks.create_key(alias="k")
+def test_every_transition_of_a_generated_key(ks, new_key, clock):
+    k = new_key(alias="k")
     dk, blob = ks.generate_data_key("k", CTX)
     assert ks.disable("k")["state"] == "Disabled"
     assert ks.disable("k")["state"] == "Disabled"            # idempotent
@@ -223,8 +245,8 @@ def _assert_state_error(call, *fragments):
     return ei.value
 
 
-def test_disabled_and_pending_deletion_keys_wrap_and_unwrap_nothing(ks):
-    ks.create_key(alias="k")
+def test_disabled_and_pending_deletion_keys_wrap_and_unwrap_nothing(ks, new_key):
+    new_key(alias="k")
     dk, blob = ks.generate_data_key("k", CTX)
     ks.disable("k")
     _assert_state_error(lambda: ks.generate_data_key("k", CTX), "Disabled",
@@ -264,8 +286,8 @@ def test_pending_days_must_be_7_to_30(ks, days):
     assert ks.get_key("k")["state"] == "Enabled"
 
 
-def test_dependants_block_disable_and_deletion_unless_forced(ks):
-    k = ks.create_key(alias="k")
+def test_dependants_block_disable_and_deletion_unless_forced(ks, new_key):
+    k = new_key(alias="k")
     add_dependants(ks, k["id"])
     assert ks.get_key("k")["dependants"] == ["disk db", "snapshot db-snap"]
     for call in (lambda: ks.disable("k"), lambda: ks.schedule_deletion("k")):
@@ -299,8 +321,8 @@ def test_the_service_key(ks):
 
 # -- envelope operations -----------------------------------------------------------------
 
-def test_data_keys_round_trip_and_are_bound_to_the_context(ks):
-    ks.create_key(alias="k")
+def test_data_keys_round_trip_and_are_bound_to_the_context(ks, new_key):
+    new_key(alias="k")
     dk, blob = ks.generate_data_key("k", CTX)
     assert len(dk) == 64 and dk.view()[:32] != dk.view()[32:]
     assert "redacted" in repr(dk)
@@ -317,9 +339,9 @@ def test_data_keys_round_trip_and_are_bound_to_the_context(ks):
         ks.decrypt_data_key(blob[:-1], CTX)
 
 
-def test_tampered_blob_fields_are_refused(ks):
-    a = ks.create_key(alias="a")
-    b = ks.create_key(alias="b")
+def test_tampered_blob_fields_are_refused(ks, new_key):
+    a = new_key(alias="a")
+    b = new_key(alias="b")
     ks.rotate("a")
     dk, blob = ks.generate_data_key("a", CTX)          # version 2 of a
     parsed = parse_wrapped(blob)
@@ -336,8 +358,8 @@ def test_tampered_blob_fields_are_refused(ks):
         ks.decrypt_data_key(blob.replace(a["id"].encode(), b"0" * 36), CTX)
 
 
-def test_rotation_keeps_old_versions_unwrapping(ks):
-    ks.create_key(alias="k")
+def test_rotation_keeps_old_versions_unwrapping(ks, new_key):
+    new_key(alias="k")
     wrapped = []
     for expected_version in (1, 2, 3):
         dk, blob = ks.generate_data_key("k", CTX)
@@ -362,12 +384,13 @@ def test_rotation_keeps_old_versions_unwrapping(ks):
         ks.reencrypt_data_key(wrapped[0][1], new_ctx, CTX)   # wrong old context
 
 
-def test_automatic_rotation_after_the_period(store_home, clock):
+def test_automatic_rotation_after_the_period(store_home, clock, provider_name, request):
     with KeyStore.open(store_home, source(), now=clock) as ks:
-        ks.create_key(alias="auto", rotation_period_days=90)
-        ks.create_key(alias="off", rotation_period_days=90)
+        create = key_maker(ks, provider_name, request)
+        create(alias="auto", rotation_period_days=90)
+        create(alias="off", rotation_period_days=90)
         ks.disable("off")
-        ks.create_key(alias="manual")
+        create(alias="manual")
     clock.advance(days=89, hours=23)
     with KeyStore.open(store_home, source(), now=clock) as ks:
         assert parse_wrapped(ks.generate_data_key("auto", CTX)[1]).key_version == 1
@@ -396,15 +419,18 @@ def test_automatic_rotation_waits_for_the_passphrase(store_home, clock):
 
 # -- deletion window -----------------------------------------------------------------------
 
-def test_material_is_destroyed_only_after_the_window(store_home, clock):
+def test_material_is_destroyed_only_after_the_window(store_home, clock, provider_name,
+                                                      request):
     with KeyStore.open(store_home, source(), now=clock) as ks:
-        k = ks.create_key(alias="doomed")
+        k = key_maker(ks, provider_name, request)(alias="doomed")
         ks.rotate("doomed")
         dk, blob = ks.generate_data_key("doomed", CTX)
         ks.schedule_deletion("doomed", pending_days=7)
     sealed = [r[0] for r in sqlite3.connect(store_home.db_path).execute(
         "SELECT material FROM kms_key_versions WHERE key_id = ?", (k["id"],))]
     assert len(sealed) == 2
+    if provider_name != "local":      # the material is two objects in the token until then
+        assert [token_objects(request, ref) for ref in sealed] == [1, 1]
     clock.advance(days=6, hours=23, minutes=59)
     with KeyStore.open(store_home, source(), now=clock) as ks:
         assert ks.get_key(k["id"])["state"] == "PendingDeletion"
@@ -428,6 +454,19 @@ def test_material_is_destroyed_only_after_the_window(store_home, clock):
                      if p.name.startswith("blockcrypt.db"))
     for s in sealed:
         assert s not in files
+    if provider_name != "local":      # destroying the key destroyed its token objects
+        assert [token_objects(request, ref) for ref in sealed] == [0, 0]
+
+
+def token_objects(request, cka_id: bytes) -> int:
+    """How many objects with this CKA_ID the session's SoftHSM2 token holds."""
+    from pkcs11 import Attribute
+
+    from blockcrypt.kms.pkcs11 import token
+    from blockcrypt.kms.pkcs11.config import Pkcs11Config
+    cfg = Pkcs11Config(**request.getfixturevalue("softhsm").provider_options())
+    return token.call("hsm", cfg, "count",
+                      lambda s, exc: len(list(s.get_objects({Attribute.ID: bytes(cka_id)}))))
 
 
 # -- passphrase --------------------------------------------------------------------------
