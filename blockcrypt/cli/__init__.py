@@ -92,7 +92,7 @@ def cli(ctx, home, passphrase_file):
 
 
 def _register_groups() -> None:
-    from . import audit, disks, keys, snapshots, store  # noqa: F401  (they attach to cli)
+    from . import audit, disks, keys, providers, snapshots, store  # noqa: F401  (attach to cli)
 
 
 _register_groups()

@@ -90,13 +90,16 @@ def _print_key(key: dict) -> None:
               help="'external' makes a key in PendingImport for your own material (BYOK).")
 @click.option("--rotation-period-days", type=int, default=None,
               help=f"Rotate automatically every N days ({ROTATION_DAYS_MIN}..{ROTATION_DAYS_MAX}).")
+@click.option("--provider", default="local", show_default=True,
+              help="The key provider that makes and holds the material (`blockcrypt provider "
+                   "list`).")
 @json_option
 @pass_app
-def key_create(app: App, alias, description, origin, rotation_period_days):
+def key_create(app: App, alias, description, origin, rotation_period_days, provider):
     """Create a customer master key and print its id."""
     with open_store(app) as store:
         key = store.create_key(alias=alias, description=description, origin=origin,
-                               rotation_period_days=rotation_period_days)
+                               rotation_period_days=rotation_period_days, provider=provider)
     if key["state"] == "PendingImport":
         app.info(f"key {key['id']} created in PendingImport; next: `blockcrypt key "
                  f"get-import-params {_ref(key)} --out-dir DIR`")

@@ -207,6 +207,14 @@ class KeyStore(KeyProvider):
     def get_provider(self, name: str) -> dict:
         return self._providers.get(name)
 
+    def provider_status(self, name: str) -> dict | None:
+        """What the provider's backend reports about its server (a kmip provider: reachable
+        or not, the server's identity and protocol versions), None if it has no such report."""
+        self._providers.get(name)                       # ProviderNotFound first
+        backend = self._backends.for_provider(name)
+        describe = getattr(backend, "describe", None)
+        return describe() if describe is not None else None
+
     def remove_provider(self, name: str) -> dict:
         """Forget a provider; refused while keys that are not Destroyed use it."""
         return self._providers.remove(name)
