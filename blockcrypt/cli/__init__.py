@@ -92,7 +92,15 @@ def cli(ctx, home, passphrase_file):
 
 
 def _register_groups() -> None:
-    from . import audit, disks, keys, providers, snapshots, store  # noqa: F401  (attach to cli)
+    from . import (  # noqa: F401  (attach to cli)
+        audit,
+        disk_import,  # noqa: F401  (adds `disk import`)
+        disks,
+        keys,
+        providers,
+        snapshots,
+        store,
+    )
 
 
 _register_groups()

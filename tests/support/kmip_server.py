@@ -236,3 +236,56 @@ def start_server(base: Path) -> KmipServer:
         srv.stop()
         raise
     return srv
+
+
+class Relay:
+    """A TCP relay to the server on a port of its own: a host configured with the relay's
+    port loses its key manager when :attr:`cut` is set (connections are closed at once),
+    the way a network partition looks to it."""
+
+    def __init__(self, server: KmipServer):
+        import threading
+        self.server = server
+        self.cut = False
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self._threads: list = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+
+    def _accept(self) -> None:
+        import threading
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            if self.cut:
+                conn.close()
+                continue
+            try:
+                up = socket.create_connection((self.server.host, self.server.port), timeout=10)
+            except OSError:
+                conn.close()
+                continue
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._sock.close()

@@ -41,6 +41,7 @@ from .. import audit, envelope
 from ..backend import LOCAL
 from ..provider import KeyProvider
 from . import passphrase as passphrase_ops
+from .adopt import Adoption
 from .backends import Backends
 from .datakeys import DataKeys
 from .imports import Imports
@@ -86,6 +87,7 @@ class KeyStore(KeyProvider):
         self._imports = Imports(*parts)
         self._data_keys = DataKeys(*parts)
         self._providers = Providers(*parts)
+        self._adoption = Adoption(*parts)
 
     # -- opening and closing ---------------------------------------------------------
     @staticmethod
@@ -206,6 +208,27 @@ class KeyStore(KeyProvider):
 
     def get_provider(self, name: str) -> dict:
         return self._providers.get(name)
+
+    def adopt_key(self, wrapped: bytes, provider: str | None = None,
+                  what: str = "a wrapped data key") -> dict:
+        """Make the key that wrapped ``wrapped`` known here (a kmip key from another host's
+        disk, origin 'shared'); KeyProviderUnknown for local and pkcs11 keys (.adopt)."""
+        return self._adoption.adopt(wrapped, provider, what)
+
+    def key_health(self, ref: str) -> dict:
+        """The key's state here and, for a kmip key, each live version's state on the key
+        manager (``server_states``: version -> ACTIVE, DEACTIVATED, ..., UNREACHABLE)."""
+        row = self._rows.row(ref)
+        out = {"key_id": row["id"], "state": row["state"],
+               "provider": self._backends.provider_of(row["id"]), "server_states": None}
+        refs = [(r["version"], bytes(r["material"])) for r in self.conn.execute(
+            "SELECT version, material FROM kms_key_versions WHERE key_id = ? AND material IS "
+            "NOT NULL ORDER BY version", (row["id"],))]
+        backend = self._backends.for_key(row["id"])
+        states = getattr(backend, "version_states", None)
+        if states is not None and refs:
+            out["server_states"] = states(refs)
+        return out
 
     def provider_status(self, name: str) -> dict | None:
         """What the provider's backend reports about its server (a kmip provider: reachable

@@ -82,8 +82,10 @@ def test_create_encrypted_default_key(cli, home, passphrase_file):
         with pytest.raises(errors.CryptoError):
             store.decrypt_data_key(header.wrapped_dk, other)
         assert "disk db" in store.get_key(service_key["id"])["dependants"]
-    # list and show agree
-    assert _json(cli("disk", "show", "db", "--json")) == d
+    # list and show agree; show also says whether the disk's key can unwrap now
+    shown = _json(cli("disk", "show", "db", "--json"))
+    assert shown.pop("key") == {"usable": True, "note": "usable", "server_states": None}
+    assert shown == d
     assert [x["name"] for x in _json(cli("disk", "list", "--json"))] == ["db"]
 
 
