@@ -52,6 +52,8 @@ from .providers import Providers
 from .rows import Dependants, KeyRows, no_dependants, state_error
 from .rules import ENABLED, ORIGIN_BLOCKCRYPT, PENDING_DAYS_DEFAULT, iso_us, utc_now
 from .schema import STORE_FORMAT_VERSION
+from .shred import Inventory
+from .shred import reports as shred_reports
 from .vault import Vault
 
 
@@ -69,14 +71,14 @@ class KeyStore(KeyProvider):
     def __init__(self, home: Home, conn: sqlite3.Connection,
                  passphrase_source: Callable[[], Secret] | None,
                  now: Callable[[], datetime] | None = None,
-                 dependants: Dependants = no_dependants):
+                 dependants: Dependants = no_dependants, inventory: Inventory | None = None):
         self.home = home
         self.conn = conn
         self._now = now or utc_now
         row = conn.execute("SELECT store_id FROM kms_store WHERE id = 1").fetchone()
         self.store_id: str = row["store_id"]
         self._vault = Vault(home, conn, self.store_id, passphrase_source)
-        self._rows = KeyRows(conn, dependants)
+        self._rows = KeyRows(conn, dependants, inventory)
         self._backends = Backends(conn, self._vault)
         self._journal = Journal(conn, self._vault, self._now,
                                 after_unlock=lambda: self._maintenance.rotate_due(),
@@ -109,7 +111,8 @@ class KeyStore(KeyProvider):
     @classmethod
     def open(cls, home: Home, passphrase_source: Callable[[], Secret] | None = None, *,
              now: Callable[[], datetime] | None = None,
-             dependants: Dependants = no_dependants) -> KeyStore:
+             dependants: Dependants = no_dependants,
+             inventory: Inventory | None = None) -> KeyStore:
         """Open an existing store (StoreNotFound otherwise) and run maintenance.
 
         Maintenance: keys whose deletion window has passed are destroyed now;
@@ -131,7 +134,7 @@ class KeyStore(KeyProvider):
                            "support; upgrade blockcrypt")
             # Erased material is overwritten in the file, not just unlinked from the b-tree.
             conn.execute("PRAGMA secure_delete=ON")
-            store = cls(home, conn, passphrase_source, now, dependants)
+            store = cls(home, conn, passphrase_source, now, dependants, inventory)
         except BaseException:
             conn.close()
             raise
@@ -185,6 +188,10 @@ class KeyStore(KeyProvider):
         key_id = self._rows.row(key)["id"] if key is not None else None
         return audit.query(self.conn, key_id=key_id,
                            since=iso_us(since) if since is not None else None)
+
+    def shred_reports(self, ref: str) -> list[dict]:
+        """The crypto-shred records of a destroyed key (by id or former alias; .shred)."""
+        return shred_reports(self.conn, ref)
 
     def verify_audit(self, anchors: list[tuple[int, str]] = ()) -> dict:
         return audit.verify(self.conn, anchors=anchors, expect_records=True)

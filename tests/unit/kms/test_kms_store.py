@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
 
@@ -19,23 +19,11 @@ from blockcrypt.kms.local import KeyStore
 from blockcrypt.storage import catalog
 from blockcrypt.storage.home import Home
 
+from support.clock import Clock
 from support.providers import material_objects, provider_spec
 
 PASS = b"correct horse battery staple"
 CTX = {"uid": "aa" * 16, "cipher": "aes-xts-plain64", "sector_size": "4096"}
-
-
-class Clock:
-    """An injectable UTC clock (the store's `now` seam): no sleeping in tests."""
-
-    def __init__(self):
-        self.t = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.t
-
-    def advance(self, **delta) -> None:
-        self.t += timedelta(**delta)
 
 
 def source(passphrase: bytes = PASS):
