@@ -180,7 +180,7 @@ class KmipBackend(KeyBackend):
 
         def enc():
             try:
-                # PyKMIP takes bytes: one unwipeable copy of the DK (docs/KEYS.md).
+                # PyKMIP takes bytes: an unwipeable copy of the DK (docs/KEYS.md, Limits).
                 return self._conn.encrypt_gcm(uid, nonce, dk.view().tobytes(), aad)
             except KmipRefused as e:
                 raise self._refusal(e, key_id, version, uid, "wrapping a data key") from None
