@@ -21,6 +21,7 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) scripts/bench_attach.py
 
 fuzz: install
 	BLOCKCRYPT_FUZZ_EXAMPLES=$${BLOCKCRYPT_FUZZ_EXAMPLES:-20000} $(PYTEST) -q -m fuzz

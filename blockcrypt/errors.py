@@ -107,6 +107,11 @@ class TokenObjectMissing(NotFound):
     exit_code = 28
 
 
+class KeyProviderUnknown(NotFound):
+    """{what}: its data key is wrapped by key {key_id} of a {kind} provider that this host does not know; {next_step}"""
+    exit_code = 29
+
+
 # 30-39: wrong state ----------------------------------------------------------
 
 class StateError(BlockcryptError):
@@ -186,6 +191,16 @@ class PinFileError(PassphraseError):
     exit_code = 45
 
 
+class KeyManagerNotAuthorised(PassphraseError):
+    """key {key_id} is not authorised by the key manager: the KMIP server {server} of provider {provider!r} refused this host's certificate (CN {identity!r}) for {operation}; ask the key manager's administrator to authorise this host for the key, or use the disk on a host that is"""
+    exit_code = 46
+
+
+class ClientKeyFileError(PassphraseError):
+    """client key file {path} of key provider {provider!r}: {reason}"""
+    exit_code = 47
+
+
 # 50-59: cryptography ----------------------------------------------------------
 
 class CryptoError(BlockcryptError):
@@ -211,6 +226,16 @@ class AuditTampered(CryptoError):
 class TokenOperationFailed(CryptoError):
     """the token of key provider {provider!r} refused {operation}: {reason}"""
     exit_code = 55
+
+
+class KeyManagerStateError(CryptoError):
+    """key {key_id} version {version} is {state} on the KMIP server {server} of provider {provider!r} (changed outside blockcrypt); {detail}"""
+    exit_code = 58
+
+
+class ContextBindingUnsupported(CryptoError):
+    """key provider {provider!r}: the KMIP server {server} {reason}; blockcrypt never wraps a data key without binding its encryption context, so nothing was changed"""
+    exit_code = 59
 
 
 # 60-69: container format -----------------------------------------------------

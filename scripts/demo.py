@@ -229,6 +229,25 @@ class Demo:
         found = _file_contains(self.disk_file("public"), self.marker.encode())
         self.check(found, "the unencrypted disk's file contains the plaintext, as it should")
 
+        self.step("Crypto-shred: destroy a key, keep the proof", """
+            Deleting a key is scheduled (7-30 days); when the window has passed its
+            material is destroyed and the audit chain gains one record listing every
+            disk and snapshot that can no longer be decrypted.  The demo moves
+            blockcrypt's key clock 8 days on with a test-only setting.""")
+        self.bc("key", "create", "--alias", "retired", quiet=True)
+        self.bc("disk", "create", "scratch", "--size", "16M", "--key", "retired", quiet=True)
+        self.bc("key", "schedule-deletion", "retired", "--pending-days", "7", "--force")
+        self.env["BLOCKCRYPT_TESTONLY_CLOCK_SKEW_DAYS"] = "8"
+        try:
+            self.bc("key", "list", quiet=True)       # opening the store destroys due keys
+        finally:
+            del self.env["BLOCKCRYPT_TESTONLY_CLOCK_SKEW_DAYS"]
+        report = self.bc_json("audit", "shred-report", "retired")
+        self.bc("audit", "shred-report", "retired")
+        names = [i["name"] for i in report["records"][0]["details"]["unrecoverable"]]
+        self.check(names == ["scratch"] and report["chain"]["ok"],
+                   "the shred record names the disk that can no longer be read, unedited")
+
         self.hsm()
 
         self.step("The audit trail", """

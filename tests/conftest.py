@@ -13,6 +13,8 @@ import pytest
 
 from support.env import Env
 from support.prereq import require_block_devices, require_root, require_tools
+from support.providers import PROVIDER_NAMES
+from support.providers import provider_args as provider_add_args
 
 # The KDF is weakened for tests only through this explicitly test-only switch.
 os.environ.setdefault("BLOCKCRYPT_TESTONLY_WEAK_KDF", "1")
@@ -73,22 +75,33 @@ def softhsm(tmp_path_factory):
     return token
 
 
-@pytest.fixture(params=["local", "pkcs11"])
+@pytest.fixture(scope="session")
+def kmip_server(tmp_path_factory):
+    """One real PyKMIP server on 127.0.0.1 for the whole test session, with its CA and
+    client certificates made by the tests (see support.kmip_server)."""
+    from support.kmip_server import start_server
+    srv = start_server(tmp_path_factory.mktemp("kmip"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(params=["local", "pkcs11", "kmip"])
 def provider_name(request) -> str:
-    """Every key provider, for the tests that must hold for each: ``local`` or the name
-    of a pkcs11 provider on the session's SoftHSM2 token (``hsm``)."""
-    if request.param == "pkcs11":
-        request.getfixturevalue("softhsm")
-        return "hsm"
-    return "local"
+    """Every key provider, for the tests that must hold for each: ``local``, the name of
+    a pkcs11 provider on the session's SoftHSM2 token (``hsm``), or of a kmip provider on
+    the session's PyKMIP server (``kms``, as client identity ``host-a``)."""
+    if request.param != "local":
+        request.getfixturevalue("softhsm" if request.param == "pkcs11" else "kmip_server")
+    return PROVIDER_NAMES.get(request.param, "local")
 
 
 @pytest.fixture
 def provider_args(provider_name, request):
     """``key create`` arguments for each provider in turn: call it with the test's CLI
-    runner (it adds the pkcs11 provider ``hsm`` to that home) and append the result."""
+    runner (it adds the provider ``provider_name`` names to that home) and append the
+    result."""
     def setup(cli) -> list[str]:
         if provider_name != "local":
-            cli(*request.getfixturevalue("softhsm").provider_args(provider_name))
+            cli(*provider_add_args(request, provider_name))
         return ["--provider", provider_name]
     return setup

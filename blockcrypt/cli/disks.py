@@ -33,6 +33,8 @@ def _print_disk(d: dict) -> None:
         ("discard", "yes" if d["discard"] else "no"), ("created", d["created_at"]),
         ("state", d["state"]),
     ]
+    if d.get("key"):
+        rows.append(("key", d["key"]["note"]))
     if d["state"] != "available":
         rows += [("device", d["device"] or "-"), ("method", d["method"]),
                  ("read-only", "yes" if d["read_only"] else "no"),
@@ -172,8 +174,10 @@ def list_cmd(app: App):
 def show_cmd(app: App, name):
     """Show one disk."""
     from ..services.boot import PersistentDisks
+    from .disk_import import key_note
     with _service(app) as svc:
         d = PersistentDisks(svc).describe(name)
+        d["key"] = key_note(svc.keys, d)
     app.emit(d, _print_disk)
 
 

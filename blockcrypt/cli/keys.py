@@ -96,7 +96,8 @@ def _print_key(key: dict) -> None:
               help=f"Rotate automatically every N days ({ROTATION_DAYS_MIN}..{ROTATION_DAYS_MAX}).")
 @click.option("--provider", default="local", show_default=True,
               help="The key provider that makes and keeps the material (`blockcrypt provider "
-                   "list`); e.g. a pkcs11 provider generates it inside the HSM.")
+                   "list`): a pkcs11 provider makes it inside the HSM, a kmip provider on the "
+                   "KMIP server.")
 @json_option
 @pass_app
 def key_create(app: App, alias, description, origin, rotation_period_days, provider):

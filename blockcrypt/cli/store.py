@@ -30,8 +30,10 @@ class CatalogKeyStore(KeyStore):
     @classmethod
     def open(cls, home: Home, passphrase_source: Callable[[], Secret] | None = None, *,
              now: Callable[[], datetime] | None = None,
-             dependants: Dependants = catalog.key_dependants) -> KeyStore:
-        return super().open(home, passphrase_source, now=now, dependants=dependants)
+             dependants: Dependants = catalog.key_dependants,
+             inventory=catalog.key_inventory) -> KeyStore:
+        return super().open(home, passphrase_source, now=now, dependants=dependants,
+                            inventory=inventory)
 
 
 def open_store(app: App) -> KeyStore:

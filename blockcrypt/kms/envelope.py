@@ -14,6 +14,8 @@ algorithm can be told apart and refused with a clear error)::
                                           ``local`` provider in software)
                                      = 2  (the same AES-256-GCM, computed inside a
                                           PKCS#11 token by a ``pkcs11`` provider)
+                                     = 3  (the same AES-256-GCM, computed by a KMIP
+                                          server for a ``kmip`` provider)
     6        1     key id length L  (1..64)
     7        L     key id           (ASCII: A-Z a-z 0-9 . _ -)
     7+L      4     key version      (>= 1)
@@ -22,7 +24,17 @@ algorithm can be told apart and refused with a clear error)::
     23+L     80    ciphertext (64) || GCM tag (16)
     total    103 + L bytes
 
-The *header* is bytes ``[0, 11+L)``.  Associated data = header || canonical JSON
+Algorithm 3 (``kmip``) inserts, after the key version, the server's name for the
+version's key object, so that any host the server authorises can unwrap the blob
+with nothing but the blob (``blockcrypt disk import``)::
+
+    11+L     1     server uid length U (1..128)
+    12+L     U     server uid         (the KMIP Unique Identifier, printable ASCII)
+    12+L+U   12    nonce
+    24+L+U   80    ciphertext (64) || GCM tag (16)
+    total    104 + L + U bytes
+
+The *header* is bytes ``[0, 11+L)`` (``[0, 12+L+U)`` for algorithm 3).  Associated data = header || canonical JSON
 of the encryption context (keys sorted, no whitespace, UTF-8).  The header is
 self-delimiting, so the concatenation is unambiguous.  Hence changing the key id,
 the key version, the format/algorithm bytes, or any context entry makes unwrap
@@ -51,7 +63,9 @@ MAGIC = b"BCWK"
 FORMAT_VERSION = 1
 ALG_AES256GCM_DK64 = 1
 ALG_PKCS11_AES256GCM_DK64 = 2
-ALGORITHMS = (ALG_AES256GCM_DK64, ALG_PKCS11_AES256GCM_DK64)
+ALG_KMIP_AES256GCM_DK64 = 3
+ALGORITHMS = (ALG_AES256GCM_DK64, ALG_PKCS11_AES256GCM_DK64, ALG_KMIP_AES256GCM_DK64)
+MAX_SERVER_REF_BYTES = 128
 CMK_BYTES = 32            # AES-256-GCM key per CMK version
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -74,10 +88,13 @@ class WrappedKey:
     nonce: bytes
     ciphertext: bytes   # includes the 16-byte tag
     header: bytes
+    server_ref: str | None = None   # algorithm 3: the KMIP server's uid of the version
 
 
-def blob_size(key_id_len: int) -> int:
-    return _FIXED + key_id_len + 4 + NONCE_BYTES + DK_BYTES + TAG_BYTES
+def blob_size(key_id_len: int, server_ref_len: int | None = None) -> int:
+    """Bytes of a blob; ``server_ref_len`` only for algorithm 3 (its uid field)."""
+    ref = 0 if server_ref_len is None else 1 + server_ref_len
+    return _FIXED + key_id_len + 4 + ref + NONCE_BYTES + DK_BYTES + TAG_BYTES
 
 
 def parse_wrapped(blob) -> WrappedKey:
@@ -98,9 +115,16 @@ def parse_wrapped(blob) -> WrappedKey:
         raise errors.BlobFormatError(reason=f"unknown algorithm id {algorithm}")
     if not 1 <= id_len <= MAX_KEY_ID_BYTES:
         raise errors.BlobFormatError(reason=f"key id length {id_len} out of range 1..64")
-    if len(data) != blob_size(id_len):
+    ref_len = None
+    if algorithm == ALG_KMIP_AES256GCM_DK64:
+        at = _FIXED + id_len + 4
+        ref_len = data[at] if len(data) > at else 0
+        if not 1 <= ref_len <= MAX_SERVER_REF_BYTES:
+            raise errors.BlobFormatError(reason=f"server uid length {ref_len} out of range "
+                                                f"1..{MAX_SERVER_REF_BYTES}")
+    if len(data) != blob_size(id_len, ref_len):
         raise errors.BlobFormatError(
-            reason=f"length {len(data)} bytes, expected {blob_size(id_len)}")
+            reason=f"length {len(data)} bytes, expected {blob_size(id_len, ref_len)}")
     raw_id = data[_FIXED:_FIXED + id_len]
     key_id = raw_id.decode("ascii", errors="replace")
     if not _KEY_ID_RE.fullmatch(key_id):
@@ -110,9 +134,18 @@ def parse_wrapped(blob) -> WrappedKey:
     if key_version < 1:
         raise errors.BlobFormatError(reason="key version 0")
     pos += 4
+    server_ref = None
+    if ref_len is not None:
+        raw_ref = data[pos + 1:pos + 1 + ref_len]
+        if not all(0x21 <= c <= 0x7E for c in raw_ref):
+            raise errors.BlobFormatError(reason="server uid has characters outside printable "
+                                                "ASCII")
+        server_ref = raw_ref.decode("ascii")
+        pos += 1 + ref_len
     return WrappedKey(format_version=version, algorithm=algorithm, key_id=key_id,
                       key_version=key_version, nonce=data[pos:pos + NONCE_BYTES],
-                      ciphertext=data[pos + NONCE_BYTES:], header=data[:pos])
+                      ciphertext=data[pos + NONCE_BYTES:], header=data[:pos],
+                      server_ref=server_ref)
 
 
 def canonical_context(context) -> bytes:
@@ -131,19 +164,30 @@ def canonical_context(context) -> bytes:
     return out
 
 
-def _header(key_id: str, key_version: int, algorithm: int = ALG_AES256GCM_DK64) -> bytes:
+def _header(key_id: str, key_version: int, algorithm: int = ALG_AES256GCM_DK64,
+            server_ref: str | None = None) -> bytes:
     if not _KEY_ID_RE.fullmatch(key_id):
         raise errors.InvalidInput(detail=f"key id {key_id!r} cannot be stored in a blob")
     raw_id = key_id.encode("ascii")
-    return (MAGIC + bytes([FORMAT_VERSION, algorithm, len(raw_id)]) + raw_id
-            + struct.pack(_VERSION_FMT, key_version))
+    out = (MAGIC + bytes([FORMAT_VERSION, algorithm, len(raw_id)]) + raw_id
+           + struct.pack(_VERSION_FMT, key_version))
+    if (server_ref is None) != (algorithm != ALG_KMIP_AES256GCM_DK64):
+        raise errors.InvalidInput(detail="a server uid goes in kmip blobs, and only there")
+    if server_ref is not None:
+        raw_ref = server_ref.encode("ascii", errors="replace")
+        if (not 1 <= len(raw_ref) <= MAX_SERVER_REF_BYTES
+                or not all(0x21 <= c <= 0x7E for c in raw_ref)):
+            raise errors.InvalidInput(detail=f"server uid {server_ref!r} cannot be stored in a "
+                                             "blob (1-128 printable ASCII characters)")
+        out += bytes([len(raw_ref)]) + raw_ref
+    return out
 
 
 def seal_parts(key_id: str, key_version: int, context: dict,
-               algorithm: int) -> tuple[bytes, bytes, bytes]:
+               algorithm: int, server_ref: str | None = None) -> tuple[bytes, bytes, bytes]:
     """(header, fresh nonce, associated data) for a blob whose GCM runs elsewhere
-    (in a token): the caller returns ``header + nonce + ciphertext||tag``."""
-    header = _header(key_id, key_version, algorithm)
+    (in a token, on a KMIP server): the caller returns ``header + nonce + ciphertext||tag``."""
+    header = _header(key_id, key_version, algorithm, server_ref)
     return header, os.urandom(NONCE_BYTES), header + canonical_context(context)
 
 

@@ -1,9 +1,9 @@
 """The provider types blockcrypt knows, and making a key backend from a catalog row.
 
 ``local`` is built in (one per home, no configuration, cannot be added or
-removed).  ``pkcs11`` providers are added by name with their configuration
-(:mod:`blockcrypt.kms.pkcs11.config`).  A new provider type registers here: how
-its options are validated and how a backend is made from its stored JSON.
+removed).  ``pkcs11`` and ``kmip`` providers are added by name with their
+configuration (:mod:`blockcrypt.kms.pkcs11.config`, :mod:`blockcrypt.kms.kmip.config`).
+A new provider type registers here: how its options are validated and how a backend is made from its stored JSON.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import re
 
 from .. import errors
 from .backend import LOCAL, KeyBackend
+from .kmip.config import KMIP, KmipConfig
 from .pkcs11.config import PKCS11, Pkcs11Config
 
-TYPES = (PKCS11,)
+TYPES = (PKCS11, KMIP)
 """Provider types that ``provider add`` takes (``local`` is built in)."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
@@ -31,6 +32,10 @@ def validate_name(name: str) -> str:
 
 def validated_config(name: str, type_: str, options: dict) -> str:
     """The JSON configuration of a new provider (InvalidInput naming a bad option)."""
+    if type_ == KMIP:
+        return KmipConfig.validated(name, options.get("host"), options.get("port"),
+                                    options.get("ca"), options.get("cert"),
+                                    options.get("key")).to_json()
     if type_ != PKCS11:
         raise errors.InvalidInput(
             detail=f"provider type {type_!r} is not one of {', '.join(TYPES)}")
@@ -42,6 +47,9 @@ def make_backend(name: str, type_: str, config: str) -> KeyBackend:
     if type_ == PKCS11:
         from .pkcs11.backend import Pkcs11Backend
         return Pkcs11Backend(name, Pkcs11Config.from_json(config))
+    if type_ == KMIP:
+        from .kmip.backend import KmipBackend
+        return KmipBackend(name, KmipConfig.from_json(config))
     raise errors.StateError(
         detail=f"key provider {name!r} has type {type_!r}, which this blockcrypt does not "
                "know; upgrade blockcrypt")

@@ -93,6 +93,17 @@ def key_dependants(conn: sqlite3.Connection, key_id: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+def key_inventory(conn: sqlite3.Connection, key_id: str) -> list[dict]:
+    """The disks and snapshots whose data key is wrapped by key_id, with their container
+    uid and lineage (what a crypto-shred record lists)."""
+    rows = conn.execute(
+        "SELECT 'disk' AS kind, name, id, lineage_id, created_at FROM disks WHERE cmk_id = ? "
+        "UNION ALL SELECT 'snapshot', name, id, lineage_id, created_at FROM snapshots "
+        "WHERE cmk_id = ? ORDER BY 1, 2", (key_id, key_id)).fetchall()
+    return [{"kind": r[0], "name": r[1], "uid": r[2], "lineage_id": r[3],
+             "created_at": r[4]} for r in rows]
+
+
 def check_header_matches(header: Header, row: sqlite3.Row, path: Path) -> None:
     """Refuse a container whose identity or encryption contradicts its catalog row.
 

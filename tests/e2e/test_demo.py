@@ -30,7 +30,8 @@ def test_demo_runs_end_to_end():
     out = cp.stdout
     for expected in ("snapshot", "ok: every file written before the snapshot is there",
                      "does not contain the plaintext", "disk copy", "audit", "Demo finished",
-                     "ok: the key was generated inside the token"):
+                     "ok: the key was generated inside the token",
+                     "ok: the shred record names the disk that can no longer be read"):
         assert expected in out, expected
     assert "ok: the store uses the production KDF parameters" in out
     assert _leftovers() == before, "the demo left its temporary directory behind"

@@ -64,12 +64,18 @@ def only_blob_format_error(blob) -> envelope.WrappedKey | None:
 
 def assert_canonical(blob: bytes, parsed: envelope.WrappedKey) -> None:
     raw_id = parsed.key_id.encode("ascii")
-    assert len(blob) == blob_size(len(raw_id))
+    # 1: local provider, 2: pkcs11 provider, 3: kmip provider (with the server's uid)
+    assert parsed.algorithm in (1, 2, 3)
+    assert (parsed.server_ref is not None) == (parsed.algorithm == 3)
+    ref = b"" if parsed.server_ref is None else parsed.server_ref.encode("ascii")
+    assert len(blob) == blob_size(len(raw_id), len(ref) if parsed.algorithm == 3 else None)
     assert all(c in ID_ALPHABET for c in raw_id) and 1 <= len(raw_id) <= 64
+    assert all(0x21 <= c <= 0x7E for c in ref) and len(ref) <= 128
     assert parsed.key_version >= 1 and parsed.format_version == 1
-    assert parsed.algorithm in (1, 2)     # 1: local provider, 2: pkcs11 provider
     rebuilt = (b"BCWK" + bytes([1, parsed.algorithm, len(raw_id)]) + raw_id
-               + struct.pack(">I", parsed.key_version) + parsed.nonce + parsed.ciphertext)
+               + struct.pack(">I", parsed.key_version)
+               + (bytes([len(ref)]) + ref if parsed.algorithm == 3 else b"")
+               + parsed.nonce + parsed.ciphertext)
     assert rebuilt == blob and parsed.header == blob[:len(parsed.header)]
 
 

@@ -62,7 +62,9 @@ class Backends:
         refs = [(r["version"], bytes(r["material"])) for r in self.conn.execute(
             "SELECT version, material FROM kms_key_versions WHERE key_id = ? AND material "
             "IS NOT NULL", (key_id,))]
-        if refs:
+        shared = self.conn.execute("SELECT 1 FROM kms_keys WHERE id = ? AND origin = "
+                                   "'shared'", (key_id,)).fetchone()
+        if refs and not shared:     # a shared key's objects belong to the host that made it
             self.for_key(key_id).destroy(key_id, refs)
 
     def close(self) -> None:

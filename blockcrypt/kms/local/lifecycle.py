@@ -248,6 +248,11 @@ class Lifecycle(Operations):
 
     @staticmethod
     def _check_rotatable(row) -> None:
+        if row["origin"] == "shared":        # adopted by `disk import` (see .adopt)
+            raise errors.KeyStateError(
+                key_id=label(row), state="a key shared from another host (origin shared)",
+                detail="only the host that created it rotates it; import a disk wrapped by the "
+                       "new version to use that version here")
         if row["origin"] == ORIGIN_EXTERNAL:
             raise errors.KeyStateError(
                 key_id=label(row), state="an imported key (origin external)",

@@ -19,6 +19,8 @@ from datetime import timedelta
 
 from ... import errors
 from ...storage.db import write_txn
+from . import shred
+from .adopt import ORIGIN_SHARED
 from .journal import Facts, Operations
 from .rules import (
     DESTROYED,
@@ -121,6 +123,11 @@ class Maintenance(Operations):
             row = self.conn.execute("SELECT * FROM kms_keys WHERE id = ?", (key_id,)).fetchone()
             if row["state"] != PENDING_DELETION or self._now() < parse_iso(row["deletion_date"]):
                 return
+            versions = [r["version"] for r in self.conn.execute(
+                "SELECT version FROM kms_key_versions WHERE key_id = ? AND material IS NOT "
+                "NULL ORDER BY version", (key_id,))]
+            shredded = shred.details(self.conn, row, versions, self._backends.provider_of(key_id),
+                                     self._rows.inventory, self._rows.dependants(key_id))
             # The provider's material first (token objects; idempotent), then the catalog's.
             self._backends.destroy(key_id)
             for imp in self.conn.execute("SELECT private_key FROM kms_import WHERE key_id = ?",
@@ -135,6 +142,8 @@ class Maintenance(Operations):
             self._journal.append("destroy", Facts(key_id, None, {
                 "automatic": True, "deletion_date": row["deletion_date"],
                 "alias": row["alias"]}), None)
+            if row["origin"] != ORIGIN_SHARED:     # a shared key's material lives on
+                self._journal.append(shred.SHRED, Facts(key_id, None, shredded), None)
 
 
 def checkpoint(conn: sqlite3.Connection) -> None:

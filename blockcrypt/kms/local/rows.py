@@ -64,9 +64,12 @@ def state_error(row, action: str, next_step: str | None = None) -> errors.KeySta
 class KeyRows:
     """Lookups in ``kms_keys`` and the description of a key."""
 
-    def __init__(self, conn: sqlite3.Connection, dependants: Dependants):
+    def __init__(self, conn: sqlite3.Connection, dependants: Dependants,
+                 inventory: Callable | None = None):
         self.conn = conn
         self._dependants = dependants
+        self.inventory = inventory
+        """What the shred record lists (:data:`.shred.Inventory`), if the store was given it."""
 
     def row(self, ref) -> sqlite3.Row:
         """A key by id or alias (KeyNotFound otherwise)."""

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 from ... import errors
 from ...constants import utc_timestamp
+from ...testing import clock
 from ..provider import (
     DESTROYED,
     DISABLED,
@@ -42,8 +43,9 @@ _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 
 
 def utc_now() -> datetime:
-    """The default clock (UTC, timezone-aware); the store takes another for tests."""
-    return datetime.now(timezone.utc)
+    """The default clock (UTC, timezone-aware); the store takes another for tests, and
+    the CLI's can be moved forward by a test-only switch (:mod:`blockcrypt.testing.clock`)."""
+    return datetime.now(timezone.utc) + clock.skew()
 
 
 def iso(t: datetime) -> str:

@@ -41,6 +41,7 @@ from .. import audit, envelope
 from ..backend import LOCAL
 from ..provider import KeyProvider
 from . import passphrase as passphrase_ops
+from .adopt import Adoption
 from .backends import Backends
 from .datakeys import DataKeys
 from .imports import Imports
@@ -51,6 +52,8 @@ from .providers import Providers
 from .rows import Dependants, KeyRows, no_dependants, state_error
 from .rules import ENABLED, ORIGIN_BLOCKCRYPT, PENDING_DAYS_DEFAULT, iso_us, utc_now
 from .schema import STORE_FORMAT_VERSION
+from .shred import Inventory
+from .shred import reports as shred_reports
 from .vault import Vault
 
 
@@ -68,14 +71,14 @@ class KeyStore(KeyProvider):
     def __init__(self, home: Home, conn: sqlite3.Connection,
                  passphrase_source: Callable[[], Secret] | None,
                  now: Callable[[], datetime] | None = None,
-                 dependants: Dependants = no_dependants):
+                 dependants: Dependants = no_dependants, inventory: Inventory | None = None):
         self.home = home
         self.conn = conn
         self._now = now or utc_now
         row = conn.execute("SELECT store_id FROM kms_store WHERE id = 1").fetchone()
         self.store_id: str = row["store_id"]
         self._vault = Vault(home, conn, self.store_id, passphrase_source)
-        self._rows = KeyRows(conn, dependants)
+        self._rows = KeyRows(conn, dependants, inventory)
         self._backends = Backends(conn, self._vault)
         self._journal = Journal(conn, self._vault, self._now,
                                 after_unlock=lambda: self._maintenance.rotate_due(),
@@ -86,6 +89,7 @@ class KeyStore(KeyProvider):
         self._imports = Imports(*parts)
         self._data_keys = DataKeys(*parts)
         self._providers = Providers(*parts)
+        self._adoption = Adoption(*parts)
 
     # -- opening and closing ---------------------------------------------------------
     @staticmethod
@@ -107,7 +111,8 @@ class KeyStore(KeyProvider):
     @classmethod
     def open(cls, home: Home, passphrase_source: Callable[[], Secret] | None = None, *,
              now: Callable[[], datetime] | None = None,
-             dependants: Dependants = no_dependants) -> KeyStore:
+             dependants: Dependants = no_dependants,
+             inventory: Inventory | None = None) -> KeyStore:
         """Open an existing store (StoreNotFound otherwise) and run maintenance.
 
         Maintenance: keys whose deletion window has passed are destroyed now;
@@ -129,7 +134,7 @@ class KeyStore(KeyProvider):
                            "support; upgrade blockcrypt")
             # Erased material is overwritten in the file, not just unlinked from the b-tree.
             conn.execute("PRAGMA secure_delete=ON")
-            store = cls(home, conn, passphrase_source, now, dependants)
+            store = cls(home, conn, passphrase_source, now, dependants, inventory)
         except BaseException:
             conn.close()
             raise
@@ -185,6 +190,10 @@ class KeyStore(KeyProvider):
         return audit.query(self.conn, key_id=key_id,
                            since=iso_us(since) if since is not None else None)
 
+    def shred_reports(self, ref: str) -> list[dict]:
+        """The crypto-shred records of a destroyed key (by id or former alias; .shred)."""
+        return shred_reports(self.conn, ref)
+
     def verify_audit(self, anchors: list[tuple[int, str]] = ()) -> dict:
         return audit.verify(self.conn, anchors=anchors, expect_records=True)
 
@@ -207,6 +216,35 @@ class KeyStore(KeyProvider):
 
     def get_provider(self, name: str) -> dict:
         return self._providers.get(name)
+
+    def adopt_key(self, wrapped: bytes, provider: str | None = None,
+                  what: str = "a wrapped data key") -> dict:
+        """Make the key that wrapped ``wrapped`` known here (a kmip key from another host's
+        disk, origin 'shared'); KeyProviderUnknown for local and pkcs11 keys (.adopt)."""
+        return self._adoption.adopt(wrapped, provider, what)
+
+    def key_health(self, ref: str) -> dict:
+        """The key's state here and, for a kmip key, each live version's state on the key
+        manager (``server_states``: version -> ACTIVE, DEACTIVATED, ..., UNREACHABLE)."""
+        row = self._rows.row(ref)
+        out = {"key_id": row["id"], "state": row["state"],
+               "provider": self._backends.provider_of(row["id"]), "server_states": None}
+        refs = [(r["version"], bytes(r["material"])) for r in self.conn.execute(
+            "SELECT version, material FROM kms_key_versions WHERE key_id = ? AND material IS "
+            "NOT NULL ORDER BY version", (row["id"],))]
+        backend = self._backends.for_key(row["id"])
+        states = getattr(backend, "version_states", None)
+        if states is not None and refs:
+            out["server_states"] = states(refs)
+        return out
+
+    def provider_status(self, name: str) -> dict | None:
+        """What the provider's backend reports about its server (a kmip provider: reachable
+        or not, the server's identity and protocol versions), None if it has no such report."""
+        self._providers.get(name)                       # ProviderNotFound first
+        backend = self._backends.for_provider(name)
+        describe = getattr(backend, "describe", None)
+        return describe() if describe is not None else None
 
     def remove_provider(self, name: str) -> dict:
         """Forget a provider; refused while keys that are not Destroyed use it."""

@@ -82,9 +82,12 @@ def test_create_encrypted_default_key(cli, home, passphrase_file):
         with pytest.raises(errors.CryptoError):
             store.decrypt_data_key(header.wrapped_dk, other)
         assert "disk db" in store.get_key(service_key["id"])["dependants"]
-    # create and show agree; show also says whether the disk attaches at boot
+    # create and show agree; show also says whether the disk attaches at boot and whether
+    # its key can unwrap now
     shown = _json(cli("disk", "show", "db", "--json"))
-    assert shown.pop("persistent") is False and shown == d
+    assert shown.pop("persistent") is False
+    assert shown.pop("key") == {"usable": True, "note": "usable", "server_states": None}
+    assert shown == d
     assert [x["name"] for x in _json(cli("disk", "list", "--json"))] == ["db"]
 
 
