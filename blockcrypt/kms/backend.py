@@ -55,6 +55,8 @@ class KeyBackend(abc.ABC):
     """The envelope algorithm id of the blobs it makes."""
     needs_kek: ClassVar[bool]
     """True if using its material needs the store passphrase."""
+    imports_material: ClassVar[bool] = True
+    """False if keys of this provider cannot take imported material (BYOK)."""
 
     def __init__(self, name: str):
         self.name = name

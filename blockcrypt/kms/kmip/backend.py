@@ -49,11 +49,21 @@ class KmipBackend(KeyBackend):
     type = KMIP
     algorithm = envelope.ALG_KMIP_AES256GCM_DK64
     needs_kek = False
+    imports_material = False
+    """Importing through the host would put the material on the host; a key manager
+    imports it with its own tools (create_key refuses origin 'external' first)."""
 
     def __init__(self, name: str, config: KmipConfig):
         super().__init__(name)
         self.config = config
         self._conn = Connection(config)
+
+    def new_import_key(self, key_id: str, oaep_hash: str, prepared) -> dict:
+        raise no_import(self.name)
+
+    def import_material(self, key_id: str, version: int, private_ref: bytes,
+                        wrapped: bytes) -> tuple[bytes, bytes]:
+        raise no_import(self.name)
 
     # -- errors --------------------------------------------------------------------------
     def _identity(self) -> str:
@@ -259,3 +269,10 @@ class KmipBackend(KeyBackend):
             except (KmipUnreachable, errors.BlockcryptError):
                 out[version] = "UNREACHABLE"
         return out
+
+
+def no_import(provider: str) -> errors.InvalidInput:
+    return errors.InvalidInput(
+        detail=f"key provider {provider!r} is a KMIP key manager: its keys are made on the "
+               "server, and blockcrypt does not import material through the host; import it "
+               "with the key manager's own tools, or create the key without --origin external")

@@ -68,6 +68,11 @@ class Lifecycle(Operations):
             if origin not in ORIGINS:
                 raise errors.InvalidInput(
                     detail=f"origin {origin!r} is not one of {', '.join(ORIGINS)}")
+            if origin == ORIGIN_EXTERNAL and not backend.imports_material:
+                raise errors.InvalidInput(
+                    detail=f"key provider {provider!r} ({backend.type}) does not take imported "
+                           "material; create the key without --origin external, or in a "
+                           "provider that does (`blockcrypt provider list`)")
             if rotation_period_days is not None:
                 if origin == ORIGIN_EXTERNAL:
                     raise errors.InvalidInput(

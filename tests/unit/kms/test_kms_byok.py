@@ -17,6 +17,8 @@ from blockcrypt.crypto.secret import Secret
 from blockcrypt.kms.local import KeyStore
 from blockcrypt.storage.home import Home
 
+from support.providers import PROVIDER_NAMES, provider_spec
+
 PASS = b"byok test passphrase"
 
 
@@ -135,8 +137,14 @@ def test_byok_expiry_deletion_and_reimport_in_each_provider(ks, clock, provider_
 
     from blockcrypt.kms import parse_wrapped
     if provider_name != "local":
-        ks.add_provider(provider_name, "pkcs11",
-                        **request.getfixturevalue("softhsm").provider_options())
+        type_, options = provider_spec(request, provider_name)
+        ks.add_provider(provider_name, type_, **options)
+    if provider_name == PROVIDER_NAMES["kmip"]:
+        # A KMIP key manager makes its keys itself: no import through the host.
+        with pytest.raises(errors.InvalidInput, match="does not take imported material"):
+            ks.create_key(alias="ext", origin="external", provider=provider_name)
+        assert [k["alias"] for k in ks.list_keys()] == []
+        return
     ks.create_key(alias="ext", origin="external", provider=provider_name)
     name, pad = oaep_for(provider_name)
     params = ks.get_import_params("ext", oaep_hash=name)
