@@ -149,6 +149,11 @@ class ImportTokenError(StateError):
     exit_code = 38
 
 
+class StaleMount(StateError):
+    """disk {name!r}: its server stopped while {device} was still mounted at {mountpoint}; run `umount {mountpoint}` and retry (or pass --force to attach it again anyway)"""
+    exit_code = 39
+
+
 # 40-49: passphrase ------------------------------------------------------------
 
 class PassphraseError(BlockcryptError):

@@ -192,12 +192,16 @@ def delete_cmd(app: App, name):
 @click.option("--threads", type=ASCII_INT, default=None, metavar="N",
               help="nbdkit worker threads per connection (1-64, default 4). More help "
                    "only when the disk's file sits on slow or remote storage.")
+@click.option("--force", is_flag=True,
+              help="Attach even though a file system is still mounted from the device of "
+                   "this disk's earlier server, which died (two devices would then serve "
+                   "the same disk; unmount the old one instead if you can).")
 @json_option
 @pass_app
-def attach_cmd(app: App, name, read_only, threads):
+def attach_cmd(app: App, name, read_only, threads, force):
     """Attach a disk as a local block device (root) and print the device path."""
     with _service(app) as svc:
-        d = svc.attach(name, read_only=read_only, threads=threads)
+        d = svc.attach(name, read_only=read_only, threads=threads, force=force)
     app.emit(d, d["device"])
 
 

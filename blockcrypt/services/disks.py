@@ -248,9 +248,9 @@ class DiskService:
         return self.attachments.cleanup_stale(disk_id)
 
     def attach(self, name: str, *, read_only: bool = False,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, force: bool = False) -> dict:
         """Attach the disk as a local block device; returns the description."""
-        return self.attachments.attach(name, read_only=read_only, threads=threads)
+        return self.attachments.attach(name, read_only=read_only, threads=threads, force=force)
 
     def detach(self, name: str) -> dict:
         """Detach an attached disk; returns {"name", "device", "stale": bool}."""

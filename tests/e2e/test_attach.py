@@ -229,14 +229,17 @@ def test_kill9_nbdkit_then_list_cleans_and_reattach_works(env):
     os.sync()
     os.kill(d["nbdkit_pid"], signal.SIGKILL)
     assert proc.wait_gone(d["nbdkit_pid"], "nbdkit", None, 5)
-    # the next list notices and cleans: never stuck as attached
+    # the next list notices: never shown as attached.  While the dead device is
+    # still mounted the attachment is kept as stale (attach refuses and names the
+    # mount: tests/e2e/test_stale_mount.py); once unmounted, list cleans it.
+    assert env.json("disk", "list")[0]["state"] == "stale"
+    subprocess.run(["umount", str(mp)], capture_output=True)   # the dead fs; may complain
+    env.mounts.remove(mp)
     listed = env.json("disk", "list")
     assert listed[0]["state"] == "available"
     assert env.rows("attachments") == []
     assert not (env.home / "run" / "crash" / "nbd.sock").exists()
     assert proc.find_processes("nbdfuse", f"{env.home / 'run' / 'crash'}/") == []
-    subprocess.run(["umount", str(mp)], capture_output=True)   # the dead fs; may complain
-    env.mounts.remove(mp)
     d = env.attach("crash")
     mp = env.mount(d["device"])                                 # replays the journal
     assert (mp / "durable").read_bytes() == b"x" * 100000
