@@ -254,6 +254,7 @@ class Attachments:
             try:
                 self._wait_for_container_lock(disk, exclusive=not read_only)
                 dk = disks.unwrap(disk, header)
+                disks.keys.forget_secrets()   # the KEK: not needed once the DK is out
                 ensure_private_dir(disks.home.run_dir)
                 ensure_private_dir(run_dir)
                 _, nbdkit_pid = runtime.start_nbdkit(

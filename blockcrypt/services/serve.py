@@ -212,7 +212,9 @@ def serve(disks: DiskService, name: str, *, unix_path: Path | None = None,
         try:
             dk = disks.unwrap(disk, header)
             # Serving can last days: close the key store now (its cached KEK is
-            # wiped) and keep only a catalog connection.
+            # wiped; the passphrase was wiped when the KEK was derived) and keep
+            # only a catalog connection.
+            disks.keys.forget_secrets()
             disks.conn = db.connect(disks.home.db_path)
             disks.keys.close()
             ensure_private_dir(disks.home.run_dir)
