@@ -4,7 +4,7 @@ A :class:`CA` issues server and client certificates (ECDSA P-256, valid one day)
 :func:`server_dir` writes nbdkit's ``--tls-certificates`` layout (ca-cert.pem,
 server-cert.pem, server-key.pem); :func:`client_dir` writes libnbd's client layout
 (ca-cert.pem, client-cert.pem, client-key.pem: ``nbds://...?tls-certificates=DIR``),
-the same files Linux ``nbd-client -A/-C/-K`` takes.  Private keys are written 0600.
+the same files Linux ``nbd-client -cacertfile/-certfile/-keyfile`` takes.  Private keys are written 0600.
 """
 from __future__ import annotations
 
