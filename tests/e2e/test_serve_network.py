@@ -86,6 +86,30 @@ def test_certificate_mode_admits_only_clients_with_a_certificate_from_its_ca(env
         stop(p)
 
 
+def test_certificate_mode_restricted_to_named_clients_by_revocation(env: Env, tmp_path):
+    """nbdkit 1.32 has no subject-name filter: the allowed clients are those the CA
+    signed, minus those its ca-crl.pem revokes (README, Serving over the network)."""
+    require_tools("nbdinfo")
+    env.create("crl", "64M")
+    ca = CA("blockcrypt test CA")
+    alice, bob = ca.issue("alice", server=False), ca.issue("bob", server=False)
+    certs = server_dir(tmp_path / "server", ca,
+                       ca.issue("localhost", server=True, dns=("localhost",),
+                                ips=("127.0.0.1",)))
+    (certs / "ca-crl.pem").write_bytes(ca.crl_pem(bob))
+    port = free_port()
+    p, _ = start_serve(env, "crl", "--tcp", f"127.0.0.1:{port}", "--tls-certificates",
+                       str(certs))
+    try:
+        base = f"nbds://127.0.0.1:{port}/crl?tls-certificates="
+        ok = nbdinfo_size(base + str(client_dir(tmp_path / "alice", ca, alice)))
+        assert int(ok.stdout) == 64 * MiB, ok.stderr
+        cp = nbdinfo_size(base + str(client_dir(tmp_path / "bob", ca, bob)))
+        assert cp.returncode != 0 and cp.stdout == b"", cp.stdout
+    finally:
+        stop(p)
+
+
 def test_psk_mode_admits_only_identities_in_the_file(env: Env, tmp_path):
     require_tools("nbdinfo")
     env.create("psk", "64M")

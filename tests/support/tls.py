@@ -58,6 +58,17 @@ class CA:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(PEM)
 
+    def crl_pem(self, *revoked: Issued) -> bytes:
+        """A certificate revocation list naming ``revoked`` (nbdkit's ca-crl.pem)."""
+        b = (x509.CertificateRevocationListBuilder().issuer_name(self.name)
+             .last_update(_now() - datetime.timedelta(minutes=5))
+             .next_update(_now() + datetime.timedelta(days=1)))
+        for r in revoked:
+            b = b.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(r.cert.serial_number)
+                .revocation_date(_now() - datetime.timedelta(minutes=5)).build())
+        return b.sign(self.key, hashes.SHA256()).public_bytes(PEM)
+
     def issue(self, common_name: str, *, server: bool, dns: tuple[str, ...] = (),
               ips: tuple[str, ...] = ()) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
