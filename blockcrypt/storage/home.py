@@ -82,7 +82,11 @@ def fsync_dir(directory: os.PathLike | str) -> None:
 
 
 def check_secret_mode(st: os.stat_result, path: os.PathLike | str, what: str) -> None:
-    """InsecureFile if ``st`` (a secret file's stat) gives group or others any access."""
+    """InsecureFile if ``st`` (a secret file's stat) gives group or others any access.
+    Regular files and named pipes only: the mode of a terminal or another device
+    (``/dev/stdin`` on a tty) says nothing about who can read what passes through."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        return
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise errors.InsecureFile(what=what, path=os.fspath(path),
                                   mode=f"{stat.S_IMODE(st.st_mode):04o}")

@@ -85,3 +85,15 @@ def test_unreadable_passphrase_file_exit_code(tmp_path):
     assert cp.returncode == errors.PassphraseFileError.exit_code, cp.stderr
     assert cp.stderr.decode().startswith("error: cannot read passphrase file")
     assert not (tmp_path / "h" / "blockcrypt.db").exists()
+
+
+def test_passphrase_through_a_pipe_is_accepted():
+    """An anonymous pipe (`--passphrase-file <(...)`) is 0600 by nature: accepted."""
+    import os
+    r, w = os.pipe()
+    try:
+        os.write(w, b"piped passphrase\n")
+        os.close(w)
+        assert read_passphrase_file(f"/dev/fd/{r}") == b"piped passphrase"
+    finally:
+        os.close(r)
