@@ -10,7 +10,7 @@ Layout under the home directory (every directory 0700, every file 0600):
 
 This module owns that layout and the private-file helpers, among them the one
 rule for secret files a user hands in (passphrase files, the TLS-PSK file, the
-TLS server key): :func:`open_secret_file` / :func:`require_secret_file` refuse a
+TLS server key): :func:`open_secret_file` / :func:`check_secret_mode` refuse a
 file that group or others may access (mode 0600 or stricter, as ssh demands of
 private keys) with :class:`~blockcrypt.errors.InsecureFile`, naming the file and
 the ``chmod`` to run.  It must not open the database or a container.
@@ -90,12 +90,6 @@ def check_secret_mode(st: os.stat_result, path: os.PathLike | str, what: str) ->
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise errors.InsecureFile(what=what, path=os.fspath(path),
                                   mode=f"{stat.S_IMODE(st.st_mode):04o}")
-
-
-def require_secret_file(path: os.PathLike | str, what: str) -> None:
-    """Check the secret file at ``path`` (symlinks followed); OSError if it cannot be
-    stat'ed (the caller names it)."""
-    check_secret_mode(os.stat(path), path, what)
 
 
 def open_secret_file(path: os.PathLike | str, what: str) -> int:
