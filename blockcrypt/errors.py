@@ -70,6 +70,11 @@ class InvalidKeyMaterial(InvalidInput):
     exit_code = 13
 
 
+class InsecureFile(InvalidInput):
+    """{what} {path} can be read or changed by other users (mode {mode}); run `chmod 600 {path}` and retry"""
+    exit_code = 14
+
+
 # 20-29: not found ------------------------------------------------------------
 
 class NotFound(BlockcryptError):
@@ -157,6 +162,11 @@ class DeviceBusy(StateError):
 class ImportTokenError(StateError):
     """import for key {key_id} refused: {detail}"""
     exit_code = 38
+
+
+class StaleMount(StateError):
+    """disk {name!r}: its server stopped while {device} was still mounted at {mountpoint}; run `umount {mountpoint}` and retry (or pass --force to attach it again anyway)"""
+    exit_code = 39
 
 
 # 40-49: passphrase ------------------------------------------------------------
@@ -293,8 +303,13 @@ class PolicyRefused(BlockcryptError):
 
 
 class ConversionRefused(PolicyRefused):
-    """refused: {detail}; an encrypted disk never becomes unencrypted in place, nor the reverse. To move data, create a new disk and run `blockcrypt disk copy SRC DST`"""
+    """refused: {detail}; an encrypted disk or snapshot never becomes unencrypted in place. To move its data onto an unencrypted disk, create one and run `blockcrypt disk copy SRC DST`"""
     exit_code = 71
+
+
+class EncryptionRefused(ConversionRefused):
+    """refused: {detail}; an unencrypted disk or snapshot never becomes encrypted in place. To move its data onto an encrypted disk, create one and run `blockcrypt disk copy SRC DST`"""
+    exit_code = 75
 
 
 class CmkChangeRefused(PolicyRefused):

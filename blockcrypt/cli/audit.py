@@ -12,23 +12,38 @@ from . import App, cli, json_option
 from .output import format_table
 from .store import open_store
 
-_AGE_RE = re.compile(r"(\d+)([smhd])")
+_AGE_RE = re.compile(r"([0-9]{1,12})([smhd])", re.ASCII)
 _AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_ANCHOR_RE = re.compile(r"([0-9]{1,19}):([0-9a-fA-F]{64})", re.ASCII)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """An ISO 8601 time (UTC unless it carries an offset) or an age like 30m, 12h, 7d."""
-    m = _AGE_RE.fullmatch(text.strip())
-    if m:
-        now = now or datetime.now(timezone.utc)
-        return now - timedelta(**{_AGE_UNITS[m.group(2)]: int(m.group(1))})
+    """An ISO 8601 time (UTC unless it carries an offset) or an age like 30m, 12h, 7d,
+    in ASCII characters."""
+    bad = errors.InvalidInput(
+        detail=f"--since {text!r}: use an ISO time such as 2025-01-31T12:00:00Z or an "
+               "age such as 30m, 12h, 7d, in ASCII characters")
+    text = text.strip(" \t")
+    if not text.isascii():
+        raise bad
+    m = _AGE_RE.fullmatch(text)
     try:
-        t = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise errors.InvalidInput(
-            detail=f"--since {text!r}: use an ISO time such as 2025-01-31T12:00:00Z or an "
-                   "age such as 30m, 12h, 7d") from None
+        if m:
+            now = now or datetime.now(timezone.utc)
+            return now - timedelta(**{_AGE_UNITS[m.group(2)]: int(m.group(1))})
+        t = datetime.fromisoformat(text)
+    except (ValueError, OverflowError):     # not a time, or before year 1
+        raise bad from None
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def parse_anchor(text: str) -> tuple[int, str]:
+    """--anchor SEQ:HASH (ASCII digits, 64 hex digits) -> (seq, hash)."""
+    m = _ANCHOR_RE.fullmatch(text)
+    if not m:
+        raise errors.InvalidInput(detail=f"--anchor {text!r}: use SEQ:HASH as printed by "
+                                         "`blockcrypt audit verify`")
+    return int(m.group(1)), m.group(2)
 
 
 def _summary(rec: dict) -> str:
@@ -80,13 +95,7 @@ def audit_group(ctx: click.Context, key: str | None, since: str | None):
 def audit_verify(ctx: click.Context, anchors: tuple[str, ...]):
     """Verify the hash chain of the audit trail; exit non-zero if it was tampered with."""
     app: App = ctx.find_object(App)
-    parsed = []
-    for a in anchors:
-        seq, _, h = a.partition(":")
-        if not seq.isdigit() or not re.fullmatch(r"[0-9a-fA-F]{64}", h):
-            raise errors.InvalidInput(detail=f"--anchor {a!r}: use SEQ:HASH as printed by "
-                                             "`blockcrypt audit verify`")
-        parsed.append((int(seq), h))
+    parsed = [parse_anchor(a) for a in anchors]
     with open_store(app) as store:
         report = store.verify_audit(anchors=parsed)
     if report["ok"]:

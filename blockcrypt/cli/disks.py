@@ -12,6 +12,7 @@ from .. import errors, names
 from ..constants import DEFAULT_SECTOR_SIZE, SECTOR_SIZES
 from . import App, cli, json_option, pass_app
 from .output import format_fields, format_table, human_size
+from .params import ASCII_INT
 
 
 @contextlib.contextmanager
@@ -195,7 +196,7 @@ def delete_cmd(app: App, name):
 @disk_group.command("attach")
 @click.argument("name", required=False)
 @click.option("--read-only", is_flag=True, help="Attach read-only (writes fail with EROFS).")
-@click.option("--threads", type=int, default=None, metavar="N",
+@click.option("--threads", type=ASCII_INT, default=None, metavar="N",
               help="nbdkit worker threads per connection (1-64, default 4). More help "
                    "only when the disk's file sits on slow or remote storage.")
 @click.option("--persistent", is_flag=True,
@@ -207,15 +208,20 @@ def delete_cmd(app: App, name):
 @click.option("--wait", "wait_s", type=click.FloatRange(0, 3600), default=0.0,
               help="With --all-persistent: seconds to keep retrying, with backoff, disks whose "
                    "key provider (e.g. an HSM) is not reachable yet.")
+@click.option("--force", is_flag=True,
+              help="Attach even though a file system is still mounted from the device of "
+                   "this disk's earlier server, which died (two devices would then serve "
+                   "the same disk; unmount the old one instead if you can).")
 @json_option
 @pass_app
-def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, wait_s):
+def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, wait_s, force):
     """Attach a disk as a local block device (root) and print the device path."""
     from ..services.boot import PersistentDisks, failures
     if all_persistent:
-        if name or persistent or read_only or threads:
-            raise click.UsageError("--all-persistent takes no NAME, --persistent, --read-only "
-                                   "or --threads (each disk's recorded settings apply)")
+        if name or persistent or read_only or threads or force:
+            raise click.UsageError("--all-persistent takes no NAME, --persistent, --read-only, "
+                                   "--threads or --force (each disk's recorded settings "
+                                   "apply)")
         with _service(app) as svc:
             def waiting(disks: dict[str, str], retry_in: float) -> None:
                 for disk, why in sorted(disks.items()):
@@ -232,7 +238,7 @@ def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, w
     if not name:
         raise click.UsageError("Missing argument 'NAME' (or pass --all-persistent).")
     with _service(app) as svc:
-        d = svc.attach(name, read_only=read_only, threads=threads)
+        d = svc.attach(name, read_only=read_only, threads=threads, force=force)
         if persistent:
             d = PersistentDisks(svc).set(name, True, read_only=read_only)
     app.emit(d, d["device"])
@@ -288,26 +294,48 @@ def detach_cmd(app: App, name, all_):
 @disk_group.command("serve")
 @click.argument("name")
 @click.option("--unix", "unix_path", type=click.Path(path_type=Path), default=None,
-              help="Serve on this Unix socket (put it in a private directory).")
+              help="Serve on this Unix socket. For local clients: put it in a directory only "
+                   "you can enter (mkdir -m 0700 DIR); the socket itself is made 0600.")
 @click.option("--tcp", default=None, metavar="HOST:PORT",
-              help="Serve over TCP on this IP address and port (TLS required unless --no-tls "
-                   "on a loopback address).")
+              help="Serve over TCP on this IP address and port; requires --tls-certificates "
+                   "or --tls-psk.")
 @click.option("--read-only", is_flag=True, help="Serve read-only.")
 @click.option("--tls-psk", type=click.Path(path_type=Path), default=None,
-              help="nbdkit TLS pre-shared-key file (username:hexkey lines).")
+              help="TLS with pre-shared keys: a file of username:hexkey lines (psktool -u NAME "
+                   "-p FILE), mode 0600. Only the usernames in it can connect.")
 @click.option("--tls-certificates", type=click.Path(path_type=Path), default=None,
-              help="Directory with nbdkit TLS certificates (ca-cert.pem, server-cert.pem, "
-                   "server-key.pem).")
-@click.option("--no-tls", is_flag=True, help="Plain TCP; refused unless HOST is loopback.")
-@click.option("--threads", type=int, default=None, metavar="N",
+              help="TLS with certificates: a directory with ca-cert.pem, server-cert.pem and "
+                   "server-key.pem (mode 0600). Every client must present a certificate "
+                   "signed by ca-cert.pem; others are refused.")
+@click.option("--insecure-plaintext-tcp", is_flag=True,
+              help="DANGEROUS: serve TCP without TLS, loopback addresses only. Every account "
+                   "on this machine can then read and write the decrypted disk; use --unix "
+                   "for local clients instead.")
+@click.option("--no-tls", is_flag=True, hidden=True)
+@click.option("--threads", type=ASCII_INT, default=None, metavar="N",
               help="nbdkit worker threads per connection (1-64, default 4). More help "
                    "only when the disk's file sits on slow or remote storage.")
 @json_option
 @pass_app
-def serve_cmd(app: App, name, unix_path, tcp, read_only, tls_psk, tls_certificates, no_tls,
-              threads):
-    """Serve a disk over NBD with nbdkit in the foreground until interrupted."""
+def serve_cmd(app: App, name, unix_path, tcp, read_only, tls_psk, tls_certificates,
+              insecure_plaintext_tcp, no_tls, threads):
+    """Serve a disk over NBD with nbdkit in the foreground until interrupted.
+
+    Local clients: use --unix PATH with PATH inside a directory only you can
+    enter (mode 0700), e.g. `mkdir -m 0700 ~/nbd && blockcrypt disk serve NAME
+    --unix ~/nbd/NAME.sock`.  Remote clients: --tcp with --tls-certificates
+    (client certificates required) or --tls-psk.
+    """
+    if no_tls:
+        raise errors.InvalidInput(
+            detail="--no-tls was removed: local clients should use --unix PATH (in a 0700 "
+                   "directory); plain TCP on loopback needs --insecure-plaintext-tcp, which "
+                   "gives every local account the decrypted disk")
+
     def ready(info: dict) -> None:
+        if insecure_plaintext_tcp:
+            from ..services.serve import plaintext_tcp_warning
+            click.echo(plaintext_tcp_warning(name, tcp), err=True)
         app.emit(info, f"serving disk {name} on {info['endpoint']} (export name {name!r}"
                        f"{', read-only' if read_only else ''}"
                        f"{', TLS' if info['tls'] else ''}); Ctrl-C to stop")
@@ -315,6 +343,7 @@ def serve_cmd(app: App, name, unix_path, tcp, read_only, tls_psk, tls_certificat
 
     with _service(app) as svc:
         svc.serve(name, unix_path=unix_path, tcp=tcp, read_only=read_only, tls_psk=tls_psk,
-                  tls_certificates=tls_certificates, no_tls=no_tls, on_ready=ready,
+                  tls_certificates=tls_certificates,
+                  insecure_plaintext_tcp=insecure_plaintext_tcp, on_ready=ready,
                   threads=threads)
     app.info(f"stopped serving disk {name}")

@@ -19,6 +19,7 @@ from ..kms.local import (
 from ..storage.home import ensure_private_dir, private_umask
 from . import App, cli, json_option, pass_app
 from .output import format_fields, format_table, indent
+from .params import ASCII_INT
 from .store import open_store
 
 
@@ -92,7 +93,7 @@ def _print_key(key: dict) -> None:
 @click.option("--description", default=None, help="Free text (up to 256 characters).")
 @click.option("--origin", type=click.Choice(ORIGINS), default="blockcrypt", show_default=True,
               help="'external' makes a key in PendingImport for your own material (BYOK).")
-@click.option("--rotation-period-days", type=int, default=None,
+@click.option("--rotation-period-days", type=ASCII_INT, default=None,
               help=f"Rotate automatically every N days ({ROTATION_DAYS_MIN}..{ROTATION_DAYS_MAX}).")
 @click.option("--provider", default="local", show_default=True,
               help="The key provider that makes and keeps the material (`blockcrypt provider "
@@ -159,7 +160,7 @@ def key_disable(app: App, key, force):
 
 @key_group.command("schedule-deletion")
 @click.argument("key")
-@click.option("--pending-days", type=int, default=PENDING_DAYS_DEFAULT, show_default=True,
+@click.option("--pending-days", type=ASCII_INT, default=PENDING_DAYS_DEFAULT, show_default=True,
               help="Days before the material is destroyed "
                    f"({PENDING_DAYS_MIN}..{PENDING_DAYS_MAX}).")
 @click.option("--force", is_flag=True,

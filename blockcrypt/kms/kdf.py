@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -89,12 +90,51 @@ def new_params() -> KdfParams:
 
 
 def derive_kek(passphrase: Secret, params: KdfParams) -> Secret:
-    """Argon2id(passphrase) -> 32-byte KEK, derived straight into a Secret."""
+    """Argon2id(passphrase) -> 32-byte KEK, in a Secret.
+
+    In a single-threaded process (every CLI command) the derivation runs in a
+    forked child that hands back only the KEK through a pipe and exits: the
+    library copies the passphrase into a parameter block that it frees without
+    clearing (measured: the passphrase stayed in this process's heap after
+    Argon2id, although our own buffer was wiped), and that copy dies with the
+    child.  With other threads running (a fork could inherit a lock they hold)
+    it runs here, and that copy may remain.
+    """
+    if threading.active_count() == 1 and hasattr(os, "fork"):
+        return _derive_in_child(passphrase, params)
+    return _derive_here(passphrase, params)
+
+
+def _derive_here(passphrase: Secret, params: KdfParams) -> Secret:
     kek = Secret(KEK_BYTES)
     Argon2id(salt=params.salt, length=KEK_BYTES, iterations=params.iterations,
              lanes=params.lanes, memory_cost=params.memory_cost_kib,
              ).derive_into(passphrase.view(), kek.view())
     return kek
+
+
+def _derive_in_child(passphrase: Secret, params: KdfParams) -> Secret:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: derive, write, exit
+        code = 1
+        try:
+            os.close(r)
+            kek = _derive_here(passphrase, params)
+            os.write(w, kek.view())                # 32 bytes < PIPE_BUF: one write
+            kek.wipe()
+            code = 0
+        finally:
+            os._exit(code)                         # no atexit, no finalizers, no flush
+    os.close(w)
+    try:
+        return Secret.read_exact_fd(r, KEK_BYTES)
+    except EOFError:
+        raise errors.CryptoError(detail="deriving the key-encryption key from the store "
+                                        "passphrase failed (out of memory?)") from None
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
 
 
 def seal(kek: Secret, plaintext, associated_data: bytes) -> bytes:

@@ -125,6 +125,12 @@ class KeyProvider(abc.ABC):
     def close(self) -> None:
         """Release the provider (connections, sessions) and wipe what it unlocked."""
 
+    def forget_secrets(self) -> None:
+        """Wipe what the provider unlocked (a key-encryption key, a login) but stay
+        open: the next operation that needs key material unlocks again.  Called as
+        soon as a data key is unwrapped by commands that then run on (serve,
+        attach).  The default has nothing cached."""
+
     def __enter__(self) -> KeyProvider:
         return self
 

@@ -43,6 +43,12 @@ that owns it (pid and start time) is gone.  ``disk list/show/attach/detach``
 clean stale rows: under the write lock they stop any leftover processes (found
 by the run directory in their argv), detach loop devices backed by the fuse
 file, unmount the fuse mount, remove the run directory and delete the row.
+A stale row whose device still carries a mounted file system (the server died
+under the mount) is kept instead: ``disk attach`` refuses with
+:class:`~blockcrypt.errors.StaleMount`, naming the mount point and the ``umount``
+to run (a second device serving the same disk under a live mount would let two
+file systems write it), unless ``--force``; ``disk detach`` refuses as for any
+mounted device.
 """
 from __future__ import annotations
 
@@ -112,9 +118,12 @@ class Attachments:
             msg = None
         return errors.DiskAttached(msg, name=name, device=device)
 
-    def cleanup_stale(self, disk_id: str | None = None) -> list[str]:
+    def cleanup_stale(self, disk_id: str | None = None, *, force: bool = False) -> list[str]:
         """Clean stale attachments (all, or one disk's); returns the disk ids cleaned.
 
+        A stale attachment whose device still carries a mounted file system (its
+        server died under the mount) is kept, so that attach can refuse and name the
+        mount (:class:`~blockcrypt.errors.StaleMount`), unless ``force``.
         Live attachments get a resume nudge instead: it ends an I/O pause left by
         a snapshot killed while it held it, and never disturbs a running one
         (:func:`blockcrypt.system.quiesce.nudge_resume`).
@@ -129,6 +138,8 @@ class Attachments:
                 if att["state"] == "attached" and att["control_socket"]:
                     quiesce.nudge_resume(att["control_socket"])
                 continue
+            if not force and runtime.mounts_left(att, Path(att["run_dir"])):
+                continue
             with db.write_txn(self.conn):
                 again = catalog.get_attachment(self.conn, att["disk_id"])
                 if again is None or tuple(again) != tuple(att) or not self.is_stale(again):
@@ -139,21 +150,28 @@ class Attachments:
         return cleaned
 
     def stale_after_cleanup(self, disk_id: str | None = None) -> set[str]:
-        """For list/show: clean what can be cleaned; return ids still stale."""
+        """For list/show: clean what can be cleaned; return ids still stale (a
+        cleanup that failed, or a stale mount kept for attach to report)."""
         try:
             self.cleanup_stale(disk_id)
-            return set()
         except errors.BlockcryptError:
-            rows = ([catalog.get_attachment(self.conn, disk_id)] if disk_id
-                    else catalog.list_attachments(self.conn))
-            return {r["disk_id"] for r in rows if r is not None and self.is_stale(r)}
+            pass
+        rows = ([catalog.get_attachment(self.conn, disk_id)] if disk_id
+                else catalog.list_attachments(self.conn))
+        return {r["disk_id"] for r in rows if r is not None and self.is_stale(r)}
 
-    def require_free(self, disk: sqlite3.Row) -> None:
-        """Clean a stale attachment of disk, then refuse if it is still in use."""
-        self.cleanup_stale(disk["id"])
+    def require_free(self, disk: sqlite3.Row, *, force: bool = False) -> None:
+        """Clean a stale attachment of disk, then refuse if it is still in use, or if
+        a file system is still mounted from its stale device (unless ``force``)."""
+        self.cleanup_stale(disk["id"], force=force)
         att = catalog.get_attachment(self.conn, disk["id"])
-        if att is not None:
-            raise self.in_use_error(disk["name"], att)
+        if att is None:
+            return
+        mounts = runtime.mounts_left(att, Path(att["run_dir"])) if self.is_stale(att) else []
+        if mounts:
+            device, mountpoint = mounts[0]
+            raise errors.StaleMount(name=disk["name"], device=device, mountpoint=mountpoint)
+        raise self.in_use_error(disk["name"], att)
 
     def claim(self, disk: sqlite3.Row, *, method: str, read_only: bool, run_dir: Path,
               sock: str | None, control_socket: Path) -> None:
@@ -202,18 +220,20 @@ class Attachments:
                            f"attach {disk['name']}` later")
 
     def attach(self, name: str, *, read_only: bool = False,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, force: bool = False) -> dict:
         """Attach the disk as a local block device; returns the description.
 
         ``threads``: nbdkit worker threads per connection (default
-        :data:`blockcrypt.system.commands.NBDKIT_THREADS`).
+        :data:`blockcrypt.system.commands.NBDKIT_THREADS`).  ``force``: attach even
+        though a file system is still mounted from the device of a server that
+        died (:class:`~blockcrypt.errors.StaleMount` otherwise).
         """
         disks = self.disks
         runtime.check_threads(threads)
         runtime.require_root("blockcrypt disk attach")
         disks.recover_files()
         disk = disks.disk_row(name)
-        self.require_free(disk)
+        self.require_free(disk, force=force)
         run_dir = disks.run_dir_of(name)
         for sock in (run_dir / NBD_SOCKET, run_dir / CONTROL_SOCKET):
             runtime.check_socket_path(sock)
@@ -234,6 +254,7 @@ class Attachments:
             try:
                 self._wait_for_container_lock(disk, exclusive=not read_only)
                 dk = disks.unwrap(disk, header)
+                disks.keys.forget_secrets()   # the KEK: not needed once the DK is out
                 ensure_private_dir(disks.home.run_dir)
                 ensure_private_dir(run_dir)
                 _, nbdkit_pid = runtime.start_nbdkit(

@@ -248,9 +248,9 @@ class DiskService:
         return self.attachments.cleanup_stale(disk_id)
 
     def attach(self, name: str, *, read_only: bool = False,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, force: bool = False) -> dict:
         """Attach the disk as a local block device; returns the description."""
-        return self.attachments.attach(name, read_only=read_only, threads=threads)
+        return self.attachments.attach(name, read_only=read_only, threads=threads, force=force)
 
     def detach(self, name: str) -> dict:
         """Detach an attached disk; returns {"name", "device", "stale": bool}."""
@@ -258,13 +258,15 @@ class DiskService:
 
     def serve(self, name: str, *, unix_path: Path | None = None, tcp: str | None = None,
               read_only: bool = False, tls_psk: Path | None = None,
-              tls_certificates: Path | None = None, no_tls: bool = False,
+              tls_certificates: Path | None = None,
+              insecure_plaintext_tcp: bool = False,
               on_ready: Callable[[dict], None] | None = None,
               threads: int | None = None) -> int:
         """Serve the disk in the foreground until a signal (:func:`.serve.serve`)."""
         return serve_service.serve(self, name, unix_path=unix_path, tcp=tcp,
                                    read_only=read_only, tls_psk=tls_psk,
-                                   tls_certificates=tls_certificates, no_tls=no_tls,
+                                   tls_certificates=tls_certificates,
+                                   insecure_plaintext_tcp=insecure_plaintext_tcp,
                                    on_ready=on_ready, threads=threads)
 
     def copy(self, src_name: str, dst_name: str, *, progress: bool = False) -> dict:

@@ -235,6 +235,17 @@ def connect_loop(name: str, *, sector_size: int, run_dir: Path, read_only: bool,
 
 # -- teardown ---------------------------------------------------------------------------
 
+def mounts_left(att: sqlite3.Row, run_dir: Path) -> list[tuple[str, str]]:
+    """(device, mount point) of every file system still mounted from an attachment's
+    block device: the loop devices whose backing file is the run directory's fuse
+    file (found from /sys, so a reused /dev/loopN of another disk never counts),
+    or its /dev/nbdN.  Read from /proc/self/mountinfo."""
+    devs = set(devices.loop_devices_backed_by(run_dir / FUSE_DIR / FUSE_FILE))
+    if att["method"] == ATTACH_NBD and att["device"]:
+        devs.add(att["device"])
+    return [m for dev in sorted(devs) for m in devices.device_mounts(dev)]
+
+
 def remove_socket(path: Path) -> None:
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):

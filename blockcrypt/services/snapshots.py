@@ -15,10 +15,11 @@ The rules (the cloud disk-encryption model blockcrypt follows):
   re-wrapped for the new container's key context
   (``KeyProvider.reencrypt_data_key(wrapped, key_context(old), key_context(new))``:
   the context binds uid and size, so the same DK has a different wrapped form
-  in every container).  The CMK never changes, and neither does the
-  encryption: an unencrypted disk never becomes encrypted in place, nor the
-  reverse (:class:`~blockcrypt.errors.ConversionRefused`,
-  :class:`~blockcrypt.errors.CmkChangeRefused`).  Files move between the two
+  in every container).  The CMK never changes
+  (:class:`~blockcrypt.errors.CmkChangeRefused`), and neither does the
+  encryption: an encrypted disk never becomes unencrypted in place
+  (:class:`~blockcrypt.errors.ConversionRefused`), nor the reverse
+  (:class:`~blockcrypt.errors.EncryptionRefused`).  Files move between the two
   kinds only with ``blockcrypt disk copy``.
 - Lineage.  Encrypted containers carry a lineage id in their header (random,
   born with the DK, inherited by every snapshot and disk that shares the DK;
@@ -313,7 +314,7 @@ class LifecycleService:
         """A new disk with a snapshot's contents, encryption, CMK, sector size and DK.
 
         encrypted / key_ref / sector_size may only confirm the snapshot's
-        (ConversionRefused, CmkChangeRefused, InvalidInput otherwise);
+        (ConversionRefused, EncryptionRefused, CmkChangeRefused, InvalidInput otherwise);
         size_bytes may only grow it.
         """
         names.validate_name(name)
@@ -367,12 +368,13 @@ class LifecycleService:
                 detail = (f"snapshot {snap['name']!r} is encrypted, so {target} created from "
                           "it is encrypted with the same key; --no-encrypted contradicts it")
             else:
-                detail = (f"snapshot {snap['name']!r} is not encrypted, so {target} created "
-                          "from it is not encrypted; --encrypted contradicts it")
+                raise errors.EncryptionRefused(
+                    detail=f"snapshot {snap['name']!r} is not encrypted, so {target} created "
+                           "from it is not encrypted; --encrypted contradicts it")
             raise errors.ConversionRefused(detail=detail)
         if key_ref is not None:
             if not snap_enc:
-                raise errors.ConversionRefused(
+                raise errors.EncryptionRefused(
                     detail=f"snapshot {snap['name']!r} is not encrypted; --key would make "
                            f"{target} encrypted")
             key = self.keys.get_key(key_ref)

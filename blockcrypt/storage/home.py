@@ -8,13 +8,18 @@ Layout under the home directory (every directory 0700, every file 0600):
     run/<disk-name>/       runtime state of an attached/served disk
                            (nbdkit socket, pid file, log, fuse mount point)
 
-This module owns that layout and the private-file helpers; it must not open
-the database or a container.
+This module owns that layout and the private-file helpers, among them the one
+rule for secret files a user hands in (passphrase files, the TLS-PSK file, the
+TLS server key): :func:`open_secret_file` / :func:`check_secret_mode` refuse a
+file that group or others may access (mode 0600 or stricter, as ssh demands of
+private keys) with :class:`~blockcrypt.errors.InsecureFile`, naming the file and
+the ``chmod`` to run.  It must not open the database or a container.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from .. import errors
@@ -74,6 +79,30 @@ def fsync_dir(directory: os.PathLike | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_secret_mode(st: os.stat_result, path: os.PathLike | str, what: str) -> None:
+    """InsecureFile if ``st`` (a secret file's stat) gives group or others any access.
+    Regular files and named pipes only: the mode of a terminal or another device
+    (``/dev/stdin`` on a tty) says nothing about who can read what passes through."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        return
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise errors.InsecureFile(what=what, path=os.fspath(path),
+                                  mode=f"{stat.S_IMODE(st.st_mode):04o}")
+
+
+def open_secret_file(path: os.PathLike | str, what: str) -> int:
+    """Open a secret file read-only and return the descriptor once the open file
+    passes :func:`check_secret_mode` (the file checked is the file read); OSError
+    if it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        check_secret_mode(os.fstat(fd), path, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Home:

@@ -61,8 +61,9 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
     through ``pause_control`` while the disk is in use.  ``keyfd`` names an
     inherited descriptor carrying the data key (None for unencrypted disks).
     tls: "off", "on" or "require" (nbdkit's --tls); with "on"/"require" exactly
-    one of tls_psk / tls_certificates must be given.  ``threads``: nbdkit worker
-    threads per connection (see NBDKIT_THREADS).
+    one of tls_psk / tls_certificates must be given; with certificates every
+    client must present one signed by the directory's CA (``--tls-verify-peer``).
+    ``threads``: nbdkit worker threads per connection (see NBDKIT_THREADS).
     """
     if (unix_socket is None) == (tcp is None):
         raise ValueError("exactly one of unix_socket and tcp")
@@ -88,7 +89,9 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
         if tls_psk is not None:
             argv.append(f"--tls-psk={tls_psk}")
         else:
-            argv.append(f"--tls-certificates={tls_certificates}")
+            # Without --tls-verify-peer nbdkit asks no client certificate at all:
+            # any client that trusts the server would get the decrypted disk.
+            argv += [f"--tls-certificates={tls_certificates}", "--tls-verify-peer"]
     if read_only:
         argv.append("--readonly")
     argv += ["--filter=pause", "python", str(plugin_script),

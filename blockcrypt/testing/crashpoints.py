@@ -10,6 +10,9 @@ crash point costs one dictionary lookup.
 
 ``BLOCKCRYPT_TESTONLY_CRASH_LIST=FILE`` appends every crash point reached to FILE,
 so a test can enumerate the steps of an operation before crashing at each one.
+
+``BLOCKCRYPT_TESTONLY_STOP_AT`` names a point where the process stops itself
+with SIGSTOP instead (a test reads its memory, then sends SIGCONT).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import signal
 
 ENV_CRASH_AT = "BLOCKCRYPT_TESTONLY_CRASH_AT"
 ENV_CRASH_LIST = "BLOCKCRYPT_TESTONLY_CRASH_LIST"
+ENV_STOP_AT = "BLOCKCRYPT_TESTONLY_STOP_AT"
 
 
 def crashpoint(name: str) -> None:
@@ -28,3 +32,5 @@ def crashpoint(name: str) -> None:
             f.write(name + "\n")
     if os.environ.get(ENV_CRASH_AT) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(ENV_STOP_AT) == name:
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -12,8 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +20,7 @@ from blockcrypt import errors
 from blockcrypt.storage import container
 from blockcrypt.system import proc
 
-from support.cli import REPO
 from support.env import (
-    Env,
     assert_nothing_started,
     dd_read,
     dd_write,
@@ -34,6 +30,7 @@ from support.env import (
 )
 from support.nbdkit import import_libnbd
 from support.prereq import require_tools
+from support.serve import start_serve
 from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -232,14 +229,17 @@ def test_kill9_nbdkit_then_list_cleans_and_reattach_works(env):
     os.sync()
     os.kill(d["nbdkit_pid"], signal.SIGKILL)
     assert proc.wait_gone(d["nbdkit_pid"], "nbdkit", None, 5)
-    # the next list notices and cleans: never stuck as attached
+    # the next list notices: never shown as attached.  While the dead device is
+    # still mounted the attachment is kept as stale (attach refuses and names the
+    # mount: tests/e2e/test_stale_mount.py); once unmounted, list cleans it.
+    assert env.json("disk", "list")[0]["state"] == "stale"
+    subprocess.run(["umount", str(mp)], capture_output=True)   # the dead fs; may complain
+    env.mounts.remove(mp)
     listed = env.json("disk", "list")
     assert listed[0]["state"] == "available"
     assert env.rows("attachments") == []
     assert not (env.home / "run" / "crash" / "nbd.sock").exists()
     assert proc.find_processes("nbdfuse", f"{env.home / 'run' / 'crash'}/") == []
-    subprocess.run(["umount", str(mp)], capture_output=True)   # the dead fs; may complain
-    env.mounts.remove(mp)
     d = env.attach("crash")
     mp = env.mount(d["device"])                                 # replays the journal
     assert (mp / "durable").read_bytes() == b"x" * 100000
@@ -282,23 +282,6 @@ def test_concurrent_attaches_exactly_one_wins(env):
 
 
 # -- serve ---------------------------------------------------------------------------------------
-
-def start_serve(e: Env, name: str, *args) -> tuple[subprocess.Popen, dict]:
-    argv = [sys.executable, "-m", "blockcrypt", "--home", str(e.home), "--passphrase-file",
-            str(e.passphrase_file), "disk", "serve", name, *args, "--json"]
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
-    out = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            raise AssertionError(f"serve exited {p.wait()}: {p.stderr.read().decode()}")
-        out += line
-        if line.startswith(b"}"):
-            return p, json.loads(out)
-    p.kill()
-    raise AssertionError("serve did not become ready")
-
 
 def test_serve_unix_nbdinfo_nbdcopy_and_stop(env):
     require_tools("nbdinfo", "nbdcopy")
@@ -372,7 +355,8 @@ def test_serve_tcp_loopback_without_tls_and_kill9_of_cli(env):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p, info = start_serve(env, "tcp", "--tcp", f"127.0.0.1:{port}", "--no-tls", "--read-only")
+    p, info = start_serve(env, "tcp", "--tcp", f"127.0.0.1:{port}", "--insecure-plaintext-tcp",
+                          "--read-only")
     try:
         size = subprocess.run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"],
                               capture_output=True, check=True)
@@ -382,6 +366,7 @@ def test_serve_tcp_loopback_without_tls_and_kill9_of_cli(env):
     finally:
         p.kill()                      # kill -9 of the CLI: nbdkit exits with its parent
         p.wait()
+    assert "is served WITHOUT TLS" in p.stderr.read().decode()
     assert proc.wait_gone(info["nbdkit_pid"], "nbdkit", None, 10)
     assert env.json("disk", "show", "tcp")["state"] == "available"
     assert_nothing_started(env, "tcp")

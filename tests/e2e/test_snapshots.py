@@ -254,8 +254,8 @@ def test_every_refusal_has_its_class_and_changes_nothing(env, tmp_path, provider
     cases = [
         (errors.ConversionRefused,
          ["disk", "create", "x", "--from-snapshot", "es", "--no-encrypted"]),
-        (errors.ConversionRefused, ["disk", "create", "x", "--from-snapshot", "ps", "--encrypted"]),
-        (errors.ConversionRefused, ["disk", "create", "x", "--from-snapshot", "ps", "--key", "k1"]),
+        (errors.EncryptionRefused, ["disk", "create", "x", "--from-snapshot", "ps", "--encrypted"]),
+        (errors.EncryptionRefused, ["disk", "create", "x", "--from-snapshot", "ps", "--key", "k1"]),
         (errors.CmkChangeRefused, ["disk", "create", "x", "--from-snapshot", "es", "--key", "k2"]),
         (errors.ExportRefused, ["snapshot", "export", "es", str(tmp_path / "out.img")]),
         (errors.LineageMismatch, ["disk", "reset", "enc", "--snapshot", "es2"]),

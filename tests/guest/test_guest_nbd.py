@@ -14,7 +14,6 @@ Only loopback and QEMU's user-mode network are addressed: every server binds
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ import pytest
 
 from support.cli import REPO, run_cli
 from support.prereq import require_block_devices, require_root, require_tools
+from support.tls import CA, client_dir, server_dir
 from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -208,11 +208,12 @@ class Server:
 
 
 def blockcrypt_serve(ctx: "Ctx", name: str, *tls_args: str) -> Server:
-    """`blockcrypt disk serve NAME --tcp 127.0.0.1:PORT (--no-tls | TLS_ARGS)`."""
+    """`blockcrypt disk serve NAME --tcp 127.0.0.1:PORT (--insecure-plaintext-tcp |
+    TLS_ARGS)`."""
     port = free_port()
     argv = [sys.executable, "-m", "blockcrypt", "--home", str(ctx.home),
             "--passphrase-file", str(ctx.passphrase_file), "disk", "serve", name,
-            "--tcp", f"127.0.0.1:{port}", *(tls_args or ("--no-tls",))]
+            "--tcp", f"127.0.0.1:{port}", *(tls_args or ("--insecure-plaintext-tcp",))]
     return Server(name, argv, port, ctx.tmp / f"serve-{name}.log")
 
 
@@ -246,46 +247,19 @@ def data_key_pipe(ctx: "Ctx", name: str) -> tuple[int, int]:
     return r, header.data_offset
 
 
-def make_tls_certificates(directory: Path) -> Path:
-    """A throwaway CA and a server certificate for TLS_NAME, in nbdkit's
-    --tls-certificates layout (ca-cert.pem, server-cert.pem, server-key.pem)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
+def make_tls_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA with a server certificate for TLS_NAME in nbdkit's
+    --tls-certificates layout, a client certificate it signed, and a client
+    certificate from another CA: (server dir, client dir, foreign client dir), each
+    holding what nbd-client's -cacertfile/-certfile/-keyfile take (ca-cert.pem, client-cert.pem,
+    client-key.pem)."""
     directory.mkdir(mode=0o700)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "blockcrypt guest test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(hours=1))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    (directory / "ca-cert.pem").write_bytes(ca.public_bytes(pem))
-    (directory / "server-cert.pem").write_bytes(cert.public_bytes(pem))
-    key_path = directory / "server-key.pem"
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return directory
+    ca, other = CA("blockcrypt guest test CA"), CA("another CA")
+    server = server_dir(directory / "server", ca,
+                        ca.issue(TLS_NAME, server=True, dns=(TLS_NAME,)))
+    client = client_dir(directory / "client", ca, ca.issue("guest", server=False))
+    foreign = client_dir(directory / "foreign", ca, other.issue("guest", server=False))
+    return server, client, foreign
 
 
 # -- host-side checks through the fallback attach path ---------------------------
@@ -393,9 +367,14 @@ def guest_run(tmp_path_factory) -> Ctx:
     for name, extra in (("enc4k", ()), ("tls4k", ()), ("enc512", ("--sector-size", "512"))):
         cli("disk", "create", name, "--size", DISK_SIZE, *extra)
     cli("disk", "create", "snap4k", "--size", SNAP_DISK_SIZE)
-    certs = make_tls_certificates(tmp / "tls")
+    certs, client, foreign = make_tls_certificates(tmp / "tls")
     with contextlib.ExitStack() as cleanup:
-        fw_cfg: dict[str, Path | int] = {"ca.pem": certs / "ca-cert.pem"}
+        fw_cfg: dict[str, Path | int] = {
+            "ca.pem": certs / "ca-cert.pem",
+            "client-cert.pem": client / "client-cert.pem",
+            "client-key.pem": client / "client-key.pem",
+            "other-cert.pem": foreign / "client-cert.pem",
+            "other-key.pem": foreign / "client-key.pem"}
         dm_offset = {}
         for name in ("enc4k", "enc512"):
             fd, dm_offset[name] = data_key_pipe(ctx, name)
@@ -419,6 +398,8 @@ def guest_run(tmp_path_factory) -> Ctx:
                                 f"{dm_offset['enc4k'] // 512}"),
                 ("tls", f"write,tls4k,{port['tls4k']},4096,tls"),
                 ("tls_refused", f"refuse,tls4k,{port['tls4k']},4096"),
+                ("tls_nocert", f"tlsrefuse,tls4k,{port['tls4k']},4096,nocert"),
+                ("tls_othercert", f"tlsrefuse,tls4k,{port['tls4k']},4096,other"),
                 ("tcp512", f"write,enc512,{port['enc512']},512"),
                 ("dmcrypt512", f"dmcrypt,raw-enc512,{port['raw-enc512']},512,"
                                f"{dm_offset['enc512'] // 512}"),
@@ -492,9 +473,16 @@ def test_tcp_nbd_client_512(guest_run):
 
 
 def test_tls_nbd_client(guest_run):
-    """nbd-client -x (certificate-verified TLS) works; without TLS it is refused."""
+    """nbd-client -x with a client certificate the server's CA signed (-cacertfile/-certfile/-keyfile)
+    works; without TLS, with TLS but no client certificate, and with a certificate
+    from another CA it is refused (issue 12 item 1)."""
     job = assert_job_ok(guest_run, "tls", *WRITE_STEPS)
     assert_job_ok(guest_run, "tls_refused", "refused")
+    assert_job_ok(guest_run, "tls_nocert", "tls-refused")
+    assert_job_ok(guest_run, "tls_othercert", "tls-refused")
+    # Refused by the server's certificate check, once for each bad client.
+    log = (guest_run.tmp / "serve-tls4k.log").read_text(errors="replace")
+    assert log.count("gnutls_handshake: Error in the certificate") == 2, log
     check_written_disk(guest_run, "tls4k", guest_run.log.sha(job, "random.bin"),
                        guest_run.tmp / "mnt-tls4k")
 

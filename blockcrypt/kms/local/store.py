@@ -152,6 +152,10 @@ class KeyStore(KeyProvider):
         self._vault.wipe()
         self.conn.close()
 
+    def forget_secrets(self) -> None:
+        """Wipe the KEK (the passphrase was wiped when it was derived)."""
+        self._vault.wipe()
+
     def unlock(self) -> None:
         """Ask for the passphrase now and check it (a wrong one is audited as refused)."""
         try:

@@ -280,6 +280,8 @@ def _passphrase_cases(tmp: Path) -> dict[str, Path]:
     (tmp / "a-directory").mkdir()
     (tmp / "empty").write_bytes(b"")
     (tmp / "huge").write_bytes(b"p" * (64 * 1024 + 1))
+    for private in ("empty", "huge"):      # private as they must be: refused for content
+        (tmp / private).chmod(0o600)
     (tmp / "a-file").write_text("x\n")
     return {"missing": tmp / "does-not-exist", "directory": tmp / "a-directory",
             "empty": tmp / "empty", "larger-than-64k": tmp / "huge",

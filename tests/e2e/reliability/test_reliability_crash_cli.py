@@ -99,8 +99,10 @@ class HomeUnderTest:
         self.home, self.tmp = home, tmp
         self.pf = tmp / "passphrase-1"
         self.pf.write_text("first passphrase\n")
+        self.pf.chmod(0o600)
         self.other_pf = tmp / "passphrase-2"
         self.other_pf.write_text("second passphrase\n")
+        self.other_pf.chmod(0o600)
         self.cli("init")
         self.cli("key", "create", "--alias", "k")
         self.cli("disk", "create", "d", "--size", "16M", "--key", "k")

@@ -21,10 +21,10 @@ flush put it on stable storage as well.  Records written but not yet fsynced
 may or may not be there; they are not checked.
 
 The user's step after nbdkit dies: the file system mounted on the dead device
-must be unmounted (``umount -l``; its I/O only returns errors).  ``disk
-attach`` does not need it to happen first: even iterations unmount before
-re-attaching, odd ones after, and both must work and free the old loop device
-once the mount is gone.
+must be unmounted (``umount -l``; its I/O only returns errors).  Even
+iterations unmount before re-attaching; odd ones try to attach first, which
+is refused (StaleMount, naming the mount) until ``--force``, and unmount
+after.  Both must work and free the old loop device once the mount is gone.
 
 Loops: BLOCKCRYPT_STRESS_LOOPS (default 20 in CI; ``make stress`` runs 100).
 """
@@ -43,6 +43,7 @@ from pathlib import Path
 
 import pytest
 
+from blockcrypt import errors
 from blockcrypt.system import proc
 
 from support.env import Env
@@ -167,7 +168,10 @@ def test_kill9_nbdkit_under_fsyncing_writer_loses_nothing(home, passphrase_file,
                          "the old loop device to be released")
                 new = env.attach("k9")
             else:                               # attaches first, unmounts the dead fs later
-                new = env.attach("k9")
+                cp = env.cli("disk", "attach", "k9", check=False)  # refused while mounted
+                assert cp.returncode == errors.StaleMount.exit_code, cp.stderr.decode()
+                assert f"umount {mp}" in cp.stderr.decode()
+                new = env.attach("k9", "--force")
                 umount_lazy(mp)
                 env.mounts.remove(mp)
                 wait_for(lambda: not loops_backed_by_dev(fuse_dev), 20,

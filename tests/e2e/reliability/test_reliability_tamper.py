@@ -192,6 +192,7 @@ def test_wrong_passphrase_refuses_attach(env, tmp_path):
     d = env.create("pw", "64M")
     wrong = tmp_path / "wrong-passphrase"
     wrong.write_text("not the passphrase\n")
+    wrong.chmod(0o600)
     err = refused_untouched(env, "pw", d["path"], errors.WrongPassphrase, passphrase_file=wrong)
     assert "wrong passphrase" in err
     attach_works(env, "pw")

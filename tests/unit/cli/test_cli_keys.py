@@ -117,6 +117,7 @@ def test_missing_passphrase_and_wrong_passphrase(store, home, tmp_path):
     assert_fails(cp, errors.PassphraseFileError, "nope")
     wrong = tmp_path / "wrong"
     wrong.write_text("not the passphrase\n")
+    wrong.chmod(0o600)
     cp = store("key", "rotate", "k", passphrase=wrong, check=False)
     assert_fails(cp, errors.WrongPassphrase, "nothing was changed")
     assert key_rows(home) == before
@@ -284,6 +285,7 @@ def test_kill_during_passphrase_change_leaves_the_old_passphrase(store, home, pa
         blobs = [ks.generate_data_key(a, CTX) for a in ("a", "b")]
     new = tmp_path / "new-passphrase"
     new.write_text("a brand new passphrase\n")
+    new.chmod(0o600)
     cp = store("passphrase", "change", "--new-passphrase-file", new, check=False,
                env={CRASH_ENV: point})
     assert cp.returncode == -signal.SIGKILL
@@ -358,6 +360,7 @@ def test_passphrase_change_cli(store, home, passphrase_file, tmp_path):
     store("key", "create", "--alias", "k")
     new = tmp_path / "new"
     new.write_text("second passphrase\n")
+    new.chmod(0o600)
     cp = store("passphrase", "change", check=False)   # no terminal, no --new-passphrase-file
     assert_fails(cp, errors.PassphraseError, "--new-passphrase-file")
     store("passphrase", "change", "--new-passphrase-file", new)

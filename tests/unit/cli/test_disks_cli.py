@@ -277,16 +277,24 @@ def test_live_claim_blocks_delete(cli, home):
 # -- serve refusals (checked before anything starts) --------------------------------
 
 @pytest.mark.parametrize("args,needle", [
-    (["--tcp", "0.0.0.0:10809", "--no-tls"], "only allowed on loopback"),
-    (["--tcp", "192.0.2.1:10809", "--no-tls"], "only allowed on loopback"),
+    (["--tcp", "0.0.0.0:10809", "--insecure-plaintext-tcp"], "only allowed on loopback"),
+    (["--tcp", "192.0.2.1:10809", "--insecure-plaintext-tcp"], "only allowed on loopback"),
     (["--tcp", "127.0.0.1:10809"], "requires TLS"),
-    (["--tcp", "localhost:10809", "--no-tls"], "not an IP address"),
-    (["--tcp", "127.0.0.1:0", "--no-tls"], "port must be"),
+    (["--tcp", "localhost:10809", "--insecure-plaintext-tcp"], "not an IP address"),
+    (["--tcp", "127.0.0.1:0", "--insecure-plaintext-tcp"], "port must be"),
+    (["--tcp", "127.0.0.1:\u0661\u0660\u0668\u0660\u0669", "--insecure-plaintext-tcp"],
+     "port must be 1-65535 (ASCII digits)"),
     (["--tcp", "127.0.0.1"], "HOST:PORT"),
-    (["--unix", "/tmp/x.sock", "--tcp", "127.0.0.1:1", "--no-tls"], "exactly one"),
+    (["--unix", "/tmp/x.sock", "--tcp", "127.0.0.1:1", "--insecure-plaintext-tcp"],
+     "exactly one"),
     ([], "exactly one"),
     (["--tcp", "127.0.0.1:10809", "--tls-psk", "/nonexistent/psk"], "no such file"),
-    (["--tcp", "127.0.0.1:10809", "--tls-psk", "/etc/hostname", "--no-tls"], "contradicts"),
+    (["--tcp", "127.0.0.1:10809", "--tls-psk", "/etc/hostname", "--insecure-plaintext-tcp"],
+     "contradicts"),
+    (["--tcp", "127.0.0.1:10809", "--no-tls"], "--no-tls was removed"),
+    (["--unix", "/tmp/x.sock", "--insecure-plaintext-tcp"], "only applies to --tcp"),
+    (["--tcp", "127.0.0.1:10809", "--tls-certificates", "/nonexistent"], "no such directory"),
+    (["--unix", "/tmp/x.sock", "--threads", "\u0664"], "--threads '\u0664' is not a whole"),
     (["--unix", "/tmp/x.sock", "--threads", "0"], "--threads must be between 1 and 64"),
     (["--unix", "/tmp/x.sock", "--threads", "65"], "--threads must be between 1 and 64"),
 ])
@@ -307,14 +315,54 @@ def test_attach_refuses_bad_thread_count(cli, home, threads):
     assert not (home / "run" / "t").exists() and _db_rows(home, "attachments") == []
 
 
-def test_serve_loopback_v6_no_tls_is_allowed_by_policy():
+def test_serve_loopback_v6_plaintext_is_allowed_by_policy():
     from blockcrypt.services.serve import parse_tcp_endpoint, serve_tls_mode
     ep = parse_tcp_endpoint("[::1]:10809")
     assert ep == ("::1", 10809)
-    assert serve_tls_mode(tcp=ep, tls_psk=None, tls_certificates=None, no_tls=True) == "off"
+    assert serve_tls_mode(tcp=ep, tls_psk=None, tls_certificates=None,
+                          insecure_plaintext_tcp=True) == "off"
     assert serve_tls_mode(tcp=("127.0.0.2", 1), tls_psk=None, tls_certificates=None,
-                          no_tls=True) == "off"
-    assert serve_tls_mode(tcp=None, tls_psk=None, tls_certificates=None, no_tls=False) == "off"
+                          insecure_plaintext_tcp=True) == "off"
+    assert serve_tls_mode(tcp=None, tls_psk=None, tls_certificates=None,
+                          insecure_plaintext_tcp=False) == "off"
+
+
+def _cert_dir(tmp_path, *, key_mode=0o600, missing=()):
+    d = tmp_path / "certs"
+    d.mkdir(mode=0o700)
+    for f in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        if f not in missing:
+            (d / f).write_text("-----BEGIN CERTIFICATE-----\n")
+    if "server-key.pem" not in missing:
+        (d / "server-key.pem").chmod(key_mode)
+    return d
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_serve_refuses_tls_secrets_others_can_read(cli, home, tmp_path, mode):
+    """Issue 12 item 3: a TLS-PSK file or server key that group or others may
+    access is refused, naming the file and the chmod to run; nothing starts."""
+    cli("disk", "create", "s", "--size", "64M")
+    psk = tmp_path / "keys.psk"
+    psk.write_text("alice:" + "00" * 32 + "\n")
+    psk.chmod(mode)
+    certs = _cert_dir(tmp_path, key_mode=mode)
+    for args, path in ((["--tls-psk", str(psk)], psk),
+                       (["--tls-certificates", str(certs)], certs / "server-key.pem")):
+        cp = cli("disk", "serve", "s", "--tcp", "127.0.0.1:10809", *args, check=False)
+        assert cp.returncode == errors.InsecureFile.exit_code, _err(cp)
+        assert f"run `chmod 600 {path}`" in _err(cp) and f"{mode:04o}" in _err(cp)
+        assert not (home / "run" / "s").exists() and _db_rows(home, "attachments") == []
+
+
+def test_serve_refuses_an_incomplete_certificate_directory(cli, home, tmp_path):
+    cli("disk", "create", "s", "--size", "64M")
+    certs = _cert_dir(tmp_path, missing=("ca-cert.pem",))
+    cp = cli("disk", "serve", "s", "--tcp", "127.0.0.1:10809", "--tls-certificates", str(certs),
+             check=False)
+    assert cp.returncode == errors.InvalidInput.exit_code, _err(cp)
+    assert "missing ca-cert.pem" in _err(cp)
+    assert not (home / "run" / "s").exists() and _db_rows(home, "attachments") == []
 
 
 # -- kill -9 of the CLI at every step of create and delete ------------------------------

@@ -67,6 +67,8 @@ def test_nbdkit_argv_tcp_tls():
     argv = _nbdkit(unix_socket=None, tcp=("::1", 1), tls="require",
                    tls_certificates=Path("/etc/certs"))
     assert "--tls-certificates=/etc/certs" in argv and not any("psk" in a for a in argv)
+    # issue 12 item 1: certificate mode verifies the client's certificate
+    assert "--tls-verify-peer" in argv
 
 
 @pytest.mark.parametrize("kw", [
