@@ -306,6 +306,21 @@ class NoSpace(StorageError):
     exit_code = 91
 
 
+class DatabaseDamaged(StorageError):
+    """the database {path} is damaged ({reason}); it holds the key store and the disk catalog: stop blockcrypt, keep a copy of it, and restore it from a backup of the home (or salvage it with `sqlite3 {path} .recover`)"""
+    exit_code = 92
+
+
+class HomeFull(NoSpace):
+    """no space left in HOME {home} (writing {path}); free space there and retry"""
+    exit_code = 93
+
+
+class DatabaseUnusable(StorageError):
+    """cannot use the database {path}: {reason}; {next_step}"""
+    exit_code = 94
+
+
 def storage_error(path, exc: OSError, what: str = "file") -> BlockcryptError:
     """The user-facing error for an OSError on path: NoSpace, NotFound or StorageError."""
     import errno

@@ -34,7 +34,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                         "blockcrypt.testing"),
     "cli": BASE + ("blockcrypt.names", "blockcrypt.crypto.secret", "blockcrypt.kms",
                    "blockcrypt.services", "blockcrypt.storage.catalog",
-                   "blockcrypt.storage.home"),
+                   "blockcrypt.storage.db", "blockcrypt.storage.home"),
     "__main__": ("blockcrypt.cli",),
     "__init__": (),
 }
