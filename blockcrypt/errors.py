@@ -188,6 +188,11 @@ class AuditTampered(CryptoError):
     exit_code = 53
 
 
+class CatalogTampered(CryptoError):
+    """refused: the catalog records {what} at {path!r}, outside {where} of the blockcrypt home {home}; the database was tampered with, so nothing was touched: restore blockcrypt.db from a backup"""
+    exit_code = 54
+
+
 # 60-69: container format -----------------------------------------------------
 
 class FormatError(BlockcryptError):

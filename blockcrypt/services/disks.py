@@ -111,7 +111,7 @@ class DiskService:
 
     def path_of(self, disk: sqlite3.Row) -> Path:
         """Where the store keeps the disk's container."""
-        return self.store.locate(disk["path"])
+        return self.store.locate(disk["path"], owner=f"disk {disk['name']!r}")
 
     def run_dir_of(self, name: str) -> Path:
         return self.home.run_dir / name

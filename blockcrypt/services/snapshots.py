@@ -117,7 +117,8 @@ class LifecycleService:
     # -- paths ------------------------------------------------------------------
     def path_of(self, row: sqlite3.Row) -> Path:
         """Where the store keeps the container of a disk or snapshot row."""
-        return self.store.locate(row["path"])
+        what = "snapshot" if "disk_name" in row.keys() else "disk"
+        return self.store.locate(row["path"], owner=f"{what} {row['name']!r}")
 
     # -- crash recovery -----------------------------------------------------------
     def recover_files(self) -> list[str]:

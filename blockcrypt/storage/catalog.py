@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from .. import errors
 from .db import register_schema
+from .home import resolve_inside
 
 if TYPE_CHECKING:
     from .header import Header
@@ -158,12 +159,32 @@ def insert_snapshot(conn: sqlite3.Connection, **row) -> None:
 
 # -- attachments --------------------------------------------------------------
 
+def home_of(conn: sqlite3.Connection) -> Path:
+    """The blockcrypt home: the folder of the database file ``conn`` opened."""
+    return Path(conn.execute("PRAGMA database_list").fetchone()[2]).parent
+
+
+def _checked(conn: sqlite3.Connection, att: sqlite3.Row | None) -> sqlite3.Row | None:
+    """An attachment row whose run directory (removed by teardown) and control socket
+    lie in ``<home>/run/``; CatalogTampered otherwise.  (A serve socket may be anywhere
+    the user chose; teardown removes it only if it is a socket.)"""
+    if att is not None:
+        home = home_of(conn)
+        what = f"the run directory of disk id {att['disk_id']}"
+        run_dir = resolve_inside(home, att["run_dir"], ("run",), what)
+        if att["control_socket"]:
+            resolve_inside(home, att["control_socket"], (str(run_dir.relative_to(
+                home.resolve())),), f"the control socket of disk id {att['disk_id']}")
+    return att
+
+
 def get_attachment(conn: sqlite3.Connection, disk_id: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM attachments WHERE disk_id = ?", (disk_id,)).fetchone()
+    return _checked(conn, conn.execute("SELECT * FROM attachments WHERE disk_id = ?",
+                                       (disk_id,)).fetchone())
 
 
 def list_attachments(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    return conn.execute("SELECT * FROM attachments").fetchall()
+    return [_checked(conn, a) for a in conn.execute("SELECT * FROM attachments").fetchall()]
 
 
 def insert_attachment(conn: sqlite3.Connection, **row) -> None:

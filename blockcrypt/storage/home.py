@@ -76,6 +76,23 @@ def fsync_dir(directory: os.PathLike | str) -> None:
         os.close(fd)
 
 
+def resolve_inside(root: Path | str, path: Path | str, dirs: tuple[str, ...],
+                   what: str) -> Path:
+    """``path`` (relative to ``root``, or absolute), resolved, if it lies directly in one
+    of ``dirs`` under ``root``; CatalogTampered otherwise.
+
+    Every path read from the catalog passes here before it is opened, renamed or
+    removed: a row edited to ``../victim``, ``/etc/passwd`` or ``disks/../blockcrypt.db``
+    is refused instead of followed.
+    """
+    base = Path(root).resolve()
+    resolved = (base / path).resolve() if str(path) else base
+    if resolved.name and any(resolved.parent == base / d for d in dirs):
+        return resolved
+    raise errors.CatalogTampered(what=what, path=str(path), home=str(base),
+                                 where=" or ".join(f"{d}/" for d in dirs))
+
+
 class Home:
     """The blockcrypt home directory and the paths inside it."""
 

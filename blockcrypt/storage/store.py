@@ -74,9 +74,10 @@ class Store(abc.ABC, Generic[L]):
         ``obj_id`` whose row goes into ``table`` (``disks`` or ``snapshots``)."""
 
     @abc.abstractmethod
-    def locate(self, ref: str) -> L:
+    def locate(self, ref: str, *, owner: str = "a container") -> L:
         """The location of the container the catalog records as ``ref`` (a
-        row's ``path``, e.g. ``disks/<id>.bcd``)."""
+        row's ``path``, e.g. ``disks/<id>.bcd``) for ``owner`` (``"disk 'db'"``).
+        CatalogTampered if ``ref`` names anything outside the store."""
 
     @abc.abstractmethod
     def staging(self, final: L) -> L:

@@ -128,3 +128,51 @@ def test_db_error_maps_every_sqlite_error_to_the_tree(tmp_path, exc, expected, p
     e = db.db_error(tmp_path / "blockcrypt.db", exc)
     assert type(e) is expected and phrase in e.message
     assert str(tmp_path / "blockcrypt.db") in e.message
+
+
+# -- item 6: every path read from the catalog resolves inside the home ---------------
+
+def _sql(home, statement, *args):
+    conn = sqlite3.connect(home / "blockcrypt.db")
+    with conn:
+        conn.execute(statement, args)
+    conn.close()
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute", "the-database"])
+@pytest.mark.parametrize("table", ["disks", "snapshots"])
+def test_delete_never_follows_a_catalog_path_out_of_the_container_folders(
+        damaged_home, home, tmp_path, where, table):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    ref = {"relative": "../victim", "absolute": str(victim),
+           "the-database": f"{table}/../blockcrypt.db"}[where]
+    name = "d1"
+    if table == "snapshots":
+        damaged_home("snapshot", "create", "d1", "s1")
+        name = "s1"
+    _sql(home, f"UPDATE {table} SET path = ? WHERE name = ?", ref, name)
+    what = "disk" if table == "disks" else "snapshot"
+    cp = damaged_home(what, "delete", name, check=False)
+    err = cp.stderr.decode()
+    assert cp.returncode == errors.CatalogTampered.exit_code, err
+    assert "Traceback" not in err and f"{what} {name!r}" in err and ref in err
+    assert victim.read_text() == "keep me"
+    assert damaged_home("key", "list").returncode == 0      # the database is untouched
+
+
+def test_a_run_directory_outside_the_home_is_never_removed(damaged_home, home, tmp_path):
+    victim = tmp_path / "victim-dir"
+    victim.mkdir()
+    (victim / "f").write_text("keep me")
+    disk_id = damaged_home("disk", "show", "d1", "--json").stdout.decode().split(
+        '"id": "')[1].split('"')[0]
+    _sql(home, "INSERT INTO attachments (disk_id, state, owner_pid, owner_start, method, "
+               "read_only, run_dir, attached_at) VALUES (?, 'detaching', 999999999, 1, "
+               "'nbd-client', 0, ?, 't')", disk_id, str(victim))
+    for command in (("disk", "list"), ("disk", "show", "d1"), ("disk", "delete", "d1")):
+        cp = damaged_home(*command, check=False)
+        err = cp.stderr.decode()
+        assert cp.returncode == errors.CatalogTampered.exit_code, (command, err)
+        assert "Traceback" not in err and str(victim) in err
+    assert (victim / "f").read_text() == "keep me"
