@@ -60,6 +60,7 @@ from ..testing.crashpoints import crashpoint
 from . import copy as copy_service
 from . import serve as serve_service
 from .attach import Attachments
+from .boundary import audited, record
 
 
 @contextlib.contextmanager
@@ -140,6 +141,7 @@ class DiskService:
         return self.store.recover(self.conn, "disks")
 
     # -- create / list / show / delete ---------------------------------------------------
+    @audited("disk-create", "disk:name")
     def create(self, name: str, size_bytes: int, *, encrypted: bool = True,
                key_ref: str | None = None, sector_size: int = DEFAULT_SECTOR_SIZE,
                discard: bool = False) -> dict:
@@ -223,6 +225,7 @@ class DiskService:
         return self.describe(disk, catalog.get_attachment(self.conn, disk["id"]),
                               disk["id"] in stale)
 
+    @audited("disk-delete", "disk:name")
     def delete(self, name: str) -> None:
         """Delete a disk (refused while attached or served): file and row."""
         self.recover_files()
@@ -247,26 +250,36 @@ class DiskService:
         """Clean stale attachments (all, or one disk's); returns the disk ids cleaned."""
         return self.attachments.cleanup_stale(disk_id)
 
+    @audited("disk-attach", "disk:name")
     def attach(self, name: str, *, read_only: bool = False,
                threads: int | None = None) -> dict:
         """Attach the disk as a local block device; returns the description."""
         return self.attachments.attach(name, read_only=read_only, threads=threads)
 
+    @audited("disk-detach", "disk:name")
     def detach(self, name: str) -> dict:
         """Detach an attached disk; returns {"name", "device", "stale": bool}."""
         return self.attachments.detach(name)
 
+    @audited("disk-serve", "disk:name")
     def serve(self, name: str, *, unix_path: Path | None = None, tcp: str | None = None,
               read_only: bool = False, tls_psk: Path | None = None,
               tls_certificates: Path | None = None, no_tls: bool = False,
               on_ready: Callable[[dict], None] | None = None,
               threads: int | None = None) -> int:
-        """Serve the disk in the foreground until a signal (:func:`.serve.serve`)."""
+        """Serve the disk in the foreground until a signal (:func:`.serve.serve`).
+        Audited twice: ``disk-serve-started`` once it serves, ``disk-serve`` when it ends."""
+        def ready(info: dict) -> None:
+            record(self, "disk-serve-started", [("disk", name)],
+                   details={k: info[k] for k in ("endpoint", "read_only", "tls", "nbdkit_pid")})
+            if on_ready is not None:
+                on_ready(info)
         return serve_service.serve(self, name, unix_path=unix_path, tcp=tcp,
                                    read_only=read_only, tls_psk=tls_psk,
                                    tls_certificates=tls_certificates, no_tls=no_tls,
-                                   on_ready=on_ready, threads=threads)
+                                   on_ready=ready, threads=threads)
 
+    @audited("disk-copy", "disk:src_name", "disk:dst_name")
     def copy(self, src_name: str, dst_name: str, *, progress: bool = False) -> dict:
         """Copy SRC's files onto DST, both detached (:func:`.copy.copy_files`)."""
         return copy_service.copy_files(self, src_name, dst_name, progress=progress)

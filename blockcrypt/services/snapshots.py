@@ -72,6 +72,7 @@ from ..storage.file_store import allocated_bytes
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
 from ..system import quiesce
 from ..testing.crashpoints import crashpoint
+from .boundary import about, audited
 from .disks import DiskService, publishing
 
 # How long a command waits for a concurrent one to settle: an attach in progress
@@ -85,6 +86,11 @@ def disk_lineage(disk: sqlite3.Row) -> str:
     """A disk's lineage id (hex): the header's for encrypted disks; for
     unencrypted ones the id of the disk its data descends from."""
     return disk["lineage_id"] or disk["id"]
+
+
+def _what(row: sqlite3.Row) -> str:
+    """'disk' or 'snapshot': which table a catalog row comes from."""
+    return "snapshot" if "disk_name" in row.keys() else "disk"
 
 
 def get_snapshot(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
@@ -117,8 +123,7 @@ class LifecycleService:
     # -- paths ------------------------------------------------------------------
     def path_of(self, row: sqlite3.Row) -> Path:
         """Where the store keeps the container of a disk or snapshot row."""
-        what = "snapshot" if "disk_name" in row.keys() else "disk"
-        return self.store.locate(row["path"], owner=f"{what} {row['name']!r}")
+        return self.store.locate(row["path"], owner=f"{_what(row)} {row['name']!r}")
 
     # -- crash recovery -----------------------------------------------------------
     def recover_files(self) -> list[str]:
@@ -139,7 +144,8 @@ class LifecycleService:
         """Turn tmp, a copy of source's container (a disk or snapshot row), into a
         container of its own: kind, new uid, size (growth only), and the same DK
         re-wrapped for the new key context."""
-        old = self.store.read_header(tmp)
+        with about(_what(source), source["name"], self.home.path, self.path_of(source)):
+            old = self.store.read_header(tmp)   # the copy: errors name the source
         catalog.check_header_matches(old, source, self.path_of(source))
         new = old.replace(kind=kind, uid=uid,
                           size_bytes=old.size_bytes if size_bytes is None else size_bytes)
@@ -210,6 +216,7 @@ class LifecycleService:
             time.sleep(0.05)
 
     # -- snapshots ----------------------------------------------------------------
+    @audited("snapshot-create", "disk:disk_name", "snapshot:snap_name")
     def create_snapshot(self, disk_name: str, snap_name: str) -> dict:
         """Snapshot a disk, attached or not (see the module doc)."""
         names.validate_name(disk_name)
@@ -272,6 +279,7 @@ class LifecycleService:
     def show_snapshot(self, name: str) -> dict:
         return self._describe_snapshot(get_snapshot(self.conn, name))
 
+    @audited("snapshot-delete", "snapshot:name")
     def delete_snapshot(self, name: str) -> dict:
         """Delete a snapshot.  Disks created from it are independent copies and
         are not affected (only `disk reinit` of such a disk needs it)."""
@@ -285,6 +293,7 @@ class LifecycleService:
         self.store.remove(doomed)
         return {"name": row["name"], "id": row["id"], "deleted": True}
 
+    @audited("snapshot-export", "snapshot:name")
     def export_snapshot(self, name: str, dest: Path) -> dict:
         """Write an unencrypted snapshot's data area to dest as a raw sparse image.
 
@@ -307,6 +316,7 @@ class LifecycleService:
                 "allocated_bytes": allocated_bytes(dest), "copy_method": method}
 
     # -- disks from snapshots ------------------------------------------------------
+    @audited("disk-create-from-snapshot", "disk:name", "snapshot:snap_name")
     def create_disk_from_snapshot(self, name: str, snap_name: str, *,
                                   size_bytes: int | None = None, encrypted: bool | None = None,
                                   key_ref: str | None = None, sector_size: int | None = None,
@@ -383,6 +393,7 @@ class LifecycleService:
                            f"{target} inherits it; --key {key_ref} names another key")
 
     # -- reset and re-initialise ---------------------------------------------------
+    @audited("disk-reset", "disk:name", "snapshot:snap_name")
     def reset_disk(self, name: str, snap_name: str) -> dict:
         """Restore a detached disk to a snapshot of its own lineage (ResetDisk).
 
@@ -400,6 +411,7 @@ class LifecycleService:
                                           f"{disk['cmk_id']}")
         return self._replace_from_snapshot(disk, snap, "reset")
 
+    @audited("disk-reinit", "disk:name")
     def reinit_disk(self, name: str) -> dict:
         """Return a detached disk to its initial state, keeping its key (ReInitDisk):
         blank, or the snapshot it was created from."""
