@@ -70,6 +70,16 @@ class InvalidKeyMaterial(InvalidInput):
     exit_code = 13
 
 
+class HeaderBackupMismatch(InvalidInput):
+    """refused: {file} is the header backup of another disk ({reason}), not of disk {name!r}; nothing was written: give the backup made with `blockcrypt disk header-backup {name} FILE`"""
+    exit_code = 15
+
+
+class InvalidHeaderBackup(InvalidInput):
+    """{file} is not a usable blockcrypt header backup: {reason}; give a file made by `blockcrypt disk header-backup NAME FILE`"""
+    exit_code = 16
+
+
 # 20-29: not found ------------------------------------------------------------
 
 class NotFound(BlockcryptError):

@@ -45,13 +45,14 @@ def object_id(conn: sqlite3.Connection, what: str, name) -> str | None:
     return row["id"] if row else None
 
 
-def _rewrite(e: errors.BlockcryptError, label: str, file) -> errors.BlockcryptError:
-    """``e`` worded about ``label`` (``"disk 'db'"``) with the file as detail, if it is
-    an error about a container file; else ``e`` itself."""
+def _rewrite(e: errors.BlockcryptError, what: str, name: str, file) -> errors.BlockcryptError:
+    """``e`` worded about disk or snapshot ``name`` with the file as detail, if it is an
+    error about a container file; else ``e`` itself."""
+    label = f"{what} {name!r}"
     if "object" in e.fields or isinstance(e, (errors.DatabaseDamaged,
                                                errors.DatabaseUnusable)):
         return e
-    if isinstance(e, errors.NotFound) and e.fields.get("what") == "container file":
+    if isinstance(e, errors.NotFound) and str(e.fields.get("what", "")).endswith("file"):
         path = e.fields.get("name")
         msg = "its container file is missing; restore it from a backup, or delete and " \
               "recreate it"
@@ -63,6 +64,9 @@ def _rewrite(e: errors.BlockcryptError, label: str, file) -> errors.BlockcryptEr
         msg = msg.replace(str(path), "its container")
     else:
         return e
+    if isinstance(e, (errors.ChecksumMismatch, errors.BadMagic)) and what == "disk":
+        msg += (f"; if you saved its header with `blockcrypt disk header-backup`, put it back "
+                f"with `blockcrypt disk header-restore {name} FILE`")
     detail = file if file is not None and ".tmp-" in str(path) else path
     new = type(e)(f"{label}: {msg} (file {detail})", **{**e.fields, "object": label})
     new.__cause__ = None
@@ -84,7 +88,7 @@ def about(what: str, name: str, home: Path, file: Path | str | None = None) -> I
             raise
         raise errors.HomeFull(home=str(home), what=label) from None
     except errors.BlockcryptError as e:
-        new = _rewrite(e, label, file)
+        new = _rewrite(e, what, name, file)
         if new is e:
             raise
         raise new from None

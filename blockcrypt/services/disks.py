@@ -52,7 +52,7 @@ from pathlib import Path
 from .. import errors, names
 from ..constants import DEFAULT_SECTOR_SIZE, utc_timestamp
 from ..crypto.secret import Secret
-from ..storage import catalog, db
+from ..storage import catalog, db, header_backup
 from ..storage.file_store import FileStore
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
 from ..storage.store import Store
@@ -121,8 +121,9 @@ class DiskService:
         """The disk's container header, checked against its catalog row."""
         path = self.path_of(disk)
         if not self.store.exists(path):
-            raise errors.StorageError(path=str(path),
-                                      reason=f"the container of disk {disk['name']!r} is missing")
+            if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
+                raise errors.DiskNotFound(name=disk["name"])    # deleted meanwhile
+            raise errors.NotFound(what="container file", name=str(path))
         header = self.store.read_header(path)
         catalog.check_header_matches(header, disk, path)
         return header
@@ -241,6 +242,32 @@ class DiskService:
             crashpoint("disk-delete.in-txn")
         crashpoint("disk-delete.after-row")
         self.store.remove(doomed)
+
+    # -- header backup and restore ----------------------------------------------------------
+    @audited("disk-header-backup", "disk:name")
+    def header_backup(self, name: str, dest: Path) -> dict:
+        """Save the disk's header (public fields and the wrapped DK) to a new file dest."""
+        disk = self.disk_row(name)
+        header = self.read_header(disk)
+        header_backup.write(dest, header)
+        return {"name": name, "id": header.uid_hex, "file": str(dest), "seq": header.seq}
+
+    @audited("disk-header-restore", "disk:name")
+    def header_restore(self, name: str, src: Path) -> dict:
+        """Put a header backup of this disk back into its container (detached only).
+        Refused, with nothing written, if the backup is of another disk."""
+        self.recover_files()
+        disk = self.disk_row(name)
+        self.attachments.require_free(disk)
+        backup = header_backup.read(src)
+        catalog.check_backup_matches(backup, disk, src)
+        path = self.path_of(disk)
+        with self.store.locked(path, exclusive=True) as lock:
+            if not lock.held:
+                raise errors.StateError(detail=f"disk {name!r} is in use by a program other "
+                                               "than blockcrypt; stop it and retry")
+            stored = self.store.restore_header(path, backup)
+        return {"name": name, "id": stored.uid_hex, "file": str(src), "seq": stored.seq}
 
     # -- attachments, serve and copy (delegated) ------------------------------------------
     def in_use_error(self, name: str, att: sqlite3.Row) -> errors.DiskAttached:

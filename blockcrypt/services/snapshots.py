@@ -179,8 +179,7 @@ class LifecycleService:
                 except errors.NotFound:
                     if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
                         raise errors.DiskNotFound(name=disk["name"]) from None   # deleted
-                    raise errors.StorageError(path=str(src), reason=f"the container of disk "
-                                              f"{disk['name']!r} is missing") from None
+                    raise errors.NotFound(what="container file", name=str(src)) from None
                 # copy from this handle: the very container that was locked; not
                 # held means a read-write server holds it
                 att = catalog.get_attachment(self.conn, disk["id"])
@@ -206,7 +205,8 @@ class LifecycleService:
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
             try:
-                return self.store.clone(path, dst)
+                with about("snapshot", snap["name"], self.home.path, path):
+                    return self.store.clone(path, dst)
             except errors.NotFound:
                 if self._snapshot_row(snap["name"]) is None:
                     raise errors.SnapshotNotFound(name=snap["name"]) from None  # deleted

@@ -115,6 +115,21 @@ def check_header_matches(header: Header, row: sqlite3.Row, path: Path) -> None:
             "the file is not used")
 
 
+def check_backup_matches(header: Header, row: sqlite3.Row, file: Path) -> None:
+    """Refuse a header backup (`disk header-restore`) that is not of the disk in ``row``:
+    its id, lineage, encryption, CMK and geometry must be the catalog's."""
+    mine = {"id": row["id"], "lineage": row["lineage_id"], "encrypted": bool(row["encrypted"]),
+            "CMK": row["cmk_id"], "size": row["size_bytes"], "sector size": row["sector_size"]}
+    theirs = {"id": header.uid_hex, "lineage": header.lineage_hex,
+              "encrypted": header.encrypted, "CMK": header.cmk_id, "size": header.size_bytes,
+              "sector size": header.sector_size}
+    wrong = [f"its {k} is {theirs[k]}, the disk's is {v}" for k, v in mine.items()
+             if theirs[k] != v]
+    if wrong:
+        raise errors.HeaderBackupMismatch(file=str(file), name=row["name"],
+                                          reason="; ".join(wrong))
+
+
 # -- disks ----------------------------------------------------------------------
 
 def get_disk(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:

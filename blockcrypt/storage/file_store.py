@@ -93,6 +93,9 @@ class FileStore(Store[Path]):
     def write_header(self, loc: Path, header: Header) -> Header:
         return container.write_header(loc, header)
 
+    def restore_header(self, loc: Path, header: Header) -> Header:
+        return container.restore_header(loc, header)
+
     def reserve(self, loc: Path, header: Header) -> None:
         os.truncate(loc, header.file_size_bytes)
 

@@ -108,6 +108,11 @@ class Store(abc.ABC, Generic[L]):
         (seq = old seq + 1; ``header.seq`` is ignored)."""
 
     @abc.abstractmethod
+    def restore_header(self, loc: L, header: Header) -> Header:
+        """Put ``header`` (from a header backup) back into the container, even when no
+        copy in it is valid (F-37); crash-safe like :meth:`write_header`."""
+
+    @abc.abstractmethod
     def reserve(self, loc: L, header: Header) -> None:
         """Make the container large enough for ``header``'s data area, before
         :meth:`write_header` stores a larger size (growth only; a staged copy)."""

@@ -11,14 +11,10 @@ import pytest
 
 from blockcrypt import errors
 
-from support.cli import run_cli
-
 
 @pytest.fixture
-def bc(home, passphrase_file):
-    def run(*args, check=True):
-        return run_cli(*args, home=home, passphrase_file=passphrase_file, check=check)
-    run("init")
+def bc(bc_home):
+    run = bc_home
     run("disk", "create", "d1", "--size", "4M")
     run("disk", "create", "plain", "--size", "4M", "--no-encrypted")
     run("snapshot", "create", "d1", "s1")

@@ -11,8 +11,6 @@ import pytest
 
 from blockcrypt import errors
 
-from support.cli import run_cli
-
 # Commands a user runs first on a broken home; none may crash.
 COMMANDS = [("disk", "list"), ("audit", "verify"), ("audit",), ("key", "list"),
             ("disk", "show", "d1"), ("snapshot", "list"), ("disk", "create", "d2", "--size", "4M"),
@@ -20,11 +18,9 @@ COMMANDS = [("disk", "list"), ("audit", "verify"), ("audit",), ("key", "list"),
 
 
 @pytest.fixture
-def damaged_home(home, passphrase_file):
+def damaged_home(bc_home, home):
     """A home with a key k1 and a disk d1, its database closed (checkpointed)."""
-    def run(*args, check=True):
-        return run_cli(*args, home=home, passphrase_file=passphrase_file, check=check)
-    run("init")
+    run = bc_home
     run("key", "create", "--alias", "k1")
     run("disk", "create", "d1", "--size", "4M", "--key", "k1")
     assert not (home / "blockcrypt.db-wal").exists() or \
