@@ -327,7 +327,7 @@ class DatabaseDamaged(StorageError):
 
 
 class HomeFull(NoSpace):
-    """no space left in HOME {home} (writing {path}); free space there and retry"""
+    """no space left in HOME {home} (writing {what}); free space there and retry"""
     exit_code = 93
 
 

@@ -210,6 +210,9 @@ def detach_cmd(app: App, name):
         r = svc.detach(name)
     if r["stale"]:
         app.info(f"disk {name}: its server had stopped; cleaned the stale attachment")
+    if r.get("catalog_pending"):
+        app.info(f"disk {name}: no space left in HOME {app.home.path} to record the detach; "
+                 "the next blockcrypt command after space is freed records it")
     app.emit(r, f"detached disk {name} from {r['device']}")
 
 

@@ -44,6 +44,9 @@ _NEXT_STEP = {
     SQLITE_IOERR: "check the file system under the home (`dmesg`), then retry",
     SQLITE_CANTOPEN: "check that the home directory exists and this user may write it",
 }
+# Below this much free space a SQLite I/O error is taken for a full home: the WAL
+# index (-shm) grows by 32 KiB, so less than twice that cannot be a coincidence.
+FULL_BELOW_BYTES = 64 * 1024
 _last_path: Path | None = None
 
 
@@ -64,8 +67,8 @@ def db_error(path: os.PathLike | str | None, exc: sqlite3.Error) -> errors.Block
     p = Path(path) if path is not None else Path("blockcrypt.db")
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
     reason = str(exc) or type(exc).__name__
-    if code == SQLITE_FULL or "database or disk is full" in reason:
-        return errors.HomeFull(home=str(p.parent), path=str(p))
+    if code == SQLITE_FULL or (code == SQLITE_IOERR and home_is_full(p.parent)):
+        return errors.HomeFull(home=str(p.parent), what=str(p))
     if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or (
             type(exc) is sqlite3.DatabaseError and not code):
         return errors.DatabaseDamaged(path=str(p), reason=reason)
@@ -73,6 +76,17 @@ def db_error(path: os.PathLike | str | None, exc: sqlite3.Error) -> errors.Block
         path=str(p), reason=reason,
         next_step=_NEXT_STEP.get(code, "retry; if it keeps failing, restore the database "
                                        "from a backup"))
+
+
+def home_is_full(home: Path) -> bool:
+    """Whether the file system of ``home`` has (almost) no space left for this user
+    (SQLite reports a full disk while growing its -shm index as an I/O error)."""
+    try:
+        st = os.statvfs(home)
+    except OSError:
+        return False
+    free_blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return free_blocks * st.f_frsize < FULL_BELOW_BYTES
 
 
 @contextlib.contextmanager
@@ -90,13 +104,32 @@ def last_opened() -> Path | None:
 
 
 def connect(db_path: Path, create: bool = False) -> Database:
-    """Open the database; with create=False a missing file raises FileNotFoundError."""
+    """Open the database; with create=False a missing file raises FileNotFoundError.
+
+    On a full home SQLite cannot create or grow the WAL index (``-shm``) that
+    shared access needs, so the database is opened again in exclusive locking
+    mode, which keeps that index in this process's memory: reads work (so
+    `disk detach` can find what to stop), writes fail with HomeFull, and other
+    blockcrypt processes wait for this one (busy timeout) meanwhile.
+    """
     global _last_path
     for mod in SCHEMA_MODULES:
         importlib.import_module(mod)
     if not create and not Path(db_path).exists():
         raise FileNotFoundError(str(db_path))
     _last_path = Path(db_path)
+    try:
+        conn = _open(Path(db_path), exclusive=False)
+    except errors.HomeFull:
+        conn = _open(Path(db_path), exclusive=True)
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(db_path) + suffix)
+        if p.exists():
+            os.chmod(p, 0o600)
+    return conn
+
+
+def _open(db_path: Path, *, exclusive: bool) -> Database:
     conn = None
     with guarded(db_path):
         try:
@@ -104,8 +137,10 @@ def connect(db_path: Path, create: bool = False) -> Database:
                 conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S,
                                        isolation_level=None,  # we manage transactions
                                        factory=Database)
-            conn.path = Path(db_path)
+            conn.path = db_path
             conn.row_factory = sqlite3.Row
+            if exclusive:
+                conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -118,10 +153,6 @@ def connect(db_path: Path, create: bool = False) -> Database:
             if conn is not None:
                 conn.close()
             raise
-    for suffix in ("", "-wal", "-shm"):
-        p = Path(str(db_path) + suffix)
-        if p.exists():
-            os.chmod(p, 0o600)
     return conn
 
 
