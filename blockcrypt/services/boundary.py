@@ -45,9 +45,20 @@ def object_id(conn: sqlite3.Connection, what: str, name) -> str | None:
     return row["id"] if row else None
 
 
-def _rewrite(e: errors.BlockcryptError, what: str, name: str, file) -> errors.BlockcryptError:
+def _is_container(path, home: Path) -> bool:
+    """Whether path is a container file (or a temporary one) of the home."""
+    try:
+        parent = Path(path).resolve().parent
+        home = home.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return parent in (home / "disks", home / "snapshots")
+
+
+def _rewrite(e: errors.BlockcryptError, what: str, name: str, home: Path,
+             file) -> errors.BlockcryptError:
     """``e`` worded about disk or snapshot ``name`` with the file as detail, if it is an
-    error about a container file; else ``e`` itself."""
+    error about one of the home's container files; else ``e`` itself."""
     label = f"{what} {name!r}"
     if "object" in e.fields or isinstance(e, (errors.DatabaseDamaged,
                                                errors.DatabaseUnusable)):
@@ -64,6 +75,8 @@ def _rewrite(e: errors.BlockcryptError, what: str, name: str, file) -> errors.Bl
         msg = msg.replace(str(path), "its container")
     else:
         return e
+    if not _is_container(path, home):
+        return e                      # another file (an export's destination...)
     if isinstance(e, (errors.ChecksumMismatch, errors.BadMagic)) and what == "disk":
         msg += (f"; if you saved its header with `blockcrypt disk header-backup`, put it back "
                 f"with `blockcrypt disk header-restore {name} FILE`")
@@ -88,7 +101,7 @@ def about(what: str, name: str, home: Path, file: Path | str | None = None) -> I
             raise
         raise errors.HomeFull(home=str(home), what=label) from None
     except errors.BlockcryptError as e:
-        new = _rewrite(e, what, name, file)
+        new = _rewrite(e, what, name, home, file)
         if new is e:
             raise
         raise new from None

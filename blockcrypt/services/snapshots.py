@@ -310,6 +310,9 @@ class LifecycleService:
         dest = Path(dest)
         if dest.exists() or dest.is_symlink():
             raise errors.AlreadyExists(what="file", name=str(dest))
+        if not dest.parent.is_dir():    # else the error would name the export's temp file
+            raise errors.InvalidInput(detail=f"cannot export snapshot {name!r} to {dest}: "
+                                             f"no such directory {dest.parent}")
         method = self.store.export(src, dest, offset=header.data_offset,
                                    length=header.size_bytes)
         return {"name": name, "file": str(dest), "size_bytes": header.size_bytes,

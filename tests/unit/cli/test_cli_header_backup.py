@@ -128,3 +128,15 @@ def test_container_errors_name_the_disk_or_snapshot(bc, home, tmp_path, command,
     assert f"(file {path})" in err and ".tmp-" not in err
     if damage == "missing":
         assert "its container file is missing" in err
+
+
+@pytest.mark.parametrize("command, error", [
+    (("snapshot", "export", "p1s", "{tmp}/missing/x.img"), errors.InvalidInput),
+    (("disk", "header-backup", "d1", "{tmp}/missing/x.hdr"), errors.StorageError),
+])
+def test_a_missing_destination_folder_is_named_not_a_temporary_file(bc, tmp_path, command,
+                                                                    error):
+    bc("snapshot", "create", "p1", "p1s")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    err = _err(bc(*argv, check=False), error)
+    assert f"no such directory {tmp_path / 'missing'}" in err and ".tmp" not in err
