@@ -64,8 +64,9 @@ def create_private_file(path, what: str = "file") -> int:
     except FileExistsError:
         raise errors.AlreadyExists(what=what, name=os.fspath(path)) from None
     except FileNotFoundError:       # the file is being created: its folder is missing
-        raise errors.StorageError(path=os.fspath(path), reason="no such directory "
-                                  f"{os.path.dirname(os.path.abspath(path))}") from None
+        folder = os.path.dirname(os.path.abspath(path))
+        raise errors.NotFound(f"cannot create {what} {os.fspath(path)}: no such directory "
+                              f"{folder}", what=what, name=os.fspath(path)) from None
     except OSError as exc:
         raise errors.storage_error(path, exc, what) from None
 

@@ -132,7 +132,7 @@ def test_container_errors_name_the_disk_or_snapshot(bc, home, tmp_path, command,
 
 @pytest.mark.parametrize("command, error", [
     (("snapshot", "export", "p1s", "{tmp}/missing/x.img"), errors.InvalidInput),
-    (("disk", "header-backup", "d1", "{tmp}/missing/x.hdr"), errors.StorageError),
+    (("disk", "header-backup", "d1", "{tmp}/missing/x.hdr"), errors.NotFound),
 ])
 def test_a_missing_destination_folder_is_named_not_a_temporary_file(bc, tmp_path, command,
                                                                     error):
