@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .. import errors
 from ..kms import audit
+from ..storage.publish import TMP_MARK
 
 log = logging.getLogger("blockcrypt")
 MAX_NAME_CHARS = 256   # a refused, hostile name is recorded at most this long
@@ -80,7 +81,7 @@ def _rewrite(e: errors.BlockcryptError, what: str, name: str, home: Path,
     if isinstance(e, (errors.ChecksumMismatch, errors.BadMagic)) and what == "disk":
         msg += (f"; if you saved its header with `blockcrypt disk header-backup`, put it back "
                 f"with `blockcrypt disk header-restore {name} FILE`")
-    detail = file if file is not None and ".tmp-" in str(path) else path
+    detail = file if file is not None and TMP_MARK in str(path) else path
     new = type(e)(f"{label}: {msg} (file {detail})", **{**e.fields, "object": label})
     new.__cause__ = None
     return new
