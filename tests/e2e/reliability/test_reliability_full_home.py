@@ -73,11 +73,19 @@ def _state(home) -> tuple:
 
 @pytest.mark.parametrize("command", [("disk", "create", "z", "--size", "4M"),
                                      ("disk", "create", "z", "--size", "4M", "--no-encrypted"),
-                                     ("key", "create", "--alias", "kz")],
-                         ids=["disk-create", "disk-create-plain", "key-create"])
+                                     ("key", "create", "--alias", "kz"),
+                                     ("snapshot", "create", "d", "sz"),
+                                     ("disk", "create", "z", "--from-snapshot", "s")],
+                         ids=["disk-create", "disk-create-plain", "key-create",
+                              "snapshot-create", "disk-create-from-snapshot"])
 def test_create_on_a_full_home_fails_clearly_and_leaves_nothing(small_home, command):
     env, fs = small_home
     env.create("d", "8M")
+    dev = env.attach("d")["device"]
+    with open(dev, "wb") as f:              # data to copy: a snapshot needs space
+        f.write(os.urandom(4 * MiB))
+    env.detach("d")
+    env.cli("snapshot", "create", "d", "s")
     before = _state(env.home)
     _fill(fs)
     cp = env.cli(*command, check=False)

@@ -13,13 +13,14 @@ from blockcrypt import errors
 
 
 @pytest.fixture
-def bc(bc_home):
+def bc(bc_home, tmp_path):
     run = bc_home
     run("disk", "create", "d1", "--size", "4M")
     run("disk", "create", "plain", "--size", "4M", "--no-encrypted")
     run("snapshot", "create", "d1", "s1")
     run("snapshot", "create", "plain", "p1")
     run("key", "create", "--alias", "k1")
+    run("disk", "header-backup", "d1", tmp_path / "d1.hdr")
     return run
 
 
@@ -48,6 +49,10 @@ OPERATIONS = [
      (["snapshot", "delete", "nope"], errors.SnapshotNotFound)),
     ("snapshot-export", [("snapshot", "p1")], ["snapshot", "export", "p1", "{tmp}/p1.img"],
      (["snapshot", "export", "s1", "{tmp}/s1.img"], errors.ExportRefused)),
+    ("disk-header-backup", [("disk", "d1")], ["disk", "header-backup", "d1", "{tmp}/b.hdr"],
+     (["disk", "header-backup", "nope", "{tmp}/c.hdr"], errors.DiskNotFound)),
+    ("disk-header-restore", [("disk", "d1")], ["disk", "header-restore", "d1", "{tmp}/d1.hdr"],
+     (["disk", "header-restore", "plain", "{tmp}/d1.hdr"], errors.HeaderBackupMismatch)),
     ("create", [], ["key", "create", "--alias", "k2"],
      (["key", "create", "--alias", "k1"], errors.AlreadyExists)),
     ("disable", [], ["key", "disable", "k1"],
