@@ -281,7 +281,9 @@ class Attachments:
         if att is not None and self.cleanup_stale(disk["id"]):
             return {"name": name, "device": att["device"], "stale": True,
                     "catalog_pending": False}
+
         def detachable() -> sqlite3.Row:
+            """The attachment, if it may be detached now (refusals as before)."""
             att = catalog.get_attachment(self.conn, disk["id"])
             if att is None:
                 raise errors.DiskNotAttached(name=name)
