@@ -75,6 +75,16 @@ class InsecureFile(InvalidInput):
     exit_code = 14
 
 
+class HeaderBackupMismatch(InvalidInput):
+    """refused: {file} is the header backup of another disk ({reason}), not of disk {name!r}; nothing was written: give the backup made with `blockcrypt disk header-backup {name} FILE`"""
+    exit_code = 15
+
+
+class InvalidHeaderBackup(InvalidInput):
+    """{file} is not a usable blockcrypt header backup: {reason}; give a file made by `blockcrypt disk header-backup NAME FILE`"""
+    exit_code = 16
+
+
 # 20-29: not found ------------------------------------------------------------
 
 class NotFound(BlockcryptError):
@@ -248,6 +258,11 @@ class ContextBindingUnsupported(CryptoError):
     exit_code = 59
 
 
+class CatalogTampered(CryptoError):
+    """refused: the catalog records {what} at {path!r}, outside {where} of the blockcrypt home {home}; the database was tampered with, so nothing was touched: restore blockcrypt.db from a backup"""
+    exit_code = 54
+
+
 # 60-69: container format -----------------------------------------------------
 
 class FormatError(BlockcryptError):
@@ -384,6 +399,21 @@ class StorageError(BlockcryptError):
 class NoSpace(StorageError):
     """no space left for {path}; free space or move the blockcrypt home"""
     exit_code = 91
+
+
+class DatabaseDamaged(StorageError):
+    """the database {path} is damaged ({reason}); it holds the key store and the disk catalog: stop blockcrypt, keep a copy of it, and restore it from a backup of the home (or salvage it with `sqlite3 {path} .recover`)"""
+    exit_code = 92
+
+
+class HomeFull(NoSpace):
+    """no space left in HOME {home} (writing {what}); free space there and retry"""
+    exit_code = 93
+
+
+class DatabaseUnusable(StorageError):
+    """cannot use the database {path}: {reason}; {next_step}"""
+    exit_code = 94
 
 
 def storage_error(path, exc: OSError, what: str = "file") -> BlockcryptError:

@@ -251,15 +251,23 @@ class Demo:
         self.hsm()
 
         self.step("The audit trail", """
-            Every key operation (create, generate, decrypt, reencrypt; successful or
-            refused) is recorded with time, key, encryption context and caller, in a
-            hash chain that `audit verify` checks.""")
+            Every key operation (create, generate, decrypt, reencrypt) and every
+            management operation (disk create, attach, snapshot...; successful or
+            refused) is recorded with time, key or disk, and caller, in a hash chain
+            that `audit verify` checks.""")
         records = self.bc_json("audit")
-        self.show("\n".join(f"{r['seq']:>3} {r['time']} {r['operation']:<10} "
-                            f"{r['result']:<8} {(r['key_id'] or '-')[:8]}" for r in records))
+
+        def subject(r: dict) -> str:
+            objects = r.get("objects") or []
+            return ", ".join(f"{o['type']} {o['name']}" for o in objects) or \
+                (r["key_id"] or "-")[:8]
+        self.show("\n".join(f"{r['seq']:>3} {r['time']} {r['operation']:<16} "
+                            f"{r['result']:<8} {subject(r)}" for r in records))
         ops = {r["operation"] for r in records}
         self.check({"create", "generate", "decrypt", "reencrypt"} <= ops,
                    "creating, unwrapping and re-wrapping data keys were all audited")
+        self.check({"disk-create", "disk-attach", "disk-detach"} <= ops,
+                   "creating, attaching and detaching disks were audited too")
         self.bc("audit", "verify")
         self.bc("disk", "list")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import click
 
 from .. import errors
 from ..crypto.secret import Secret, disable_core_dumps
+from ..storage import db
 from ..storage.home import Home
 from .passphrase import obtain_passphrase, read_passphrase_file
 
@@ -115,7 +117,10 @@ def main(argv=None) -> None:
     disable_core_dumps()
     json_wanted = "--json" in (argv if argv is not None else sys.argv[1:])
     try:
-        rv = cli.main(args=argv, standalone_mode=False)
+        try:
+            rv = cli.main(args=argv, standalone_mode=False)
+        except sqlite3.Error as exc:   # a read outside a write transaction failed
+            raise db.db_error(db.last_opened(), exc) from None
     except errors.BlockcryptError as e:
         if json_wanted:
             click.echo(json.dumps(e.to_dict()), err=True)

@@ -59,10 +59,18 @@ def _print_records(records: list[dict]) -> None:
     if not records:
         click.echo("no audit records match")
         return
-    rows = [[r["seq"], r["time"], r["operation"], r["key_id"], r["key_version"], r["result"],
+    rows = [[r["seq"], r["time"], r["operation"], _subject(r), r["key_version"], r["result"],
              r["caller"]["uid"], r["caller"]["pid"], _summary(r)] for r in records]
-    click.echo(format_table(["#", "TIME (UTC)", "OPERATION", "KEY", "VER", "RESULT", "UID",
-                             "PID", "DETAIL"], rows))
+    click.echo(format_table(["#", "TIME (UTC)", "OPERATION", "KEY / OBJECT", "VER", "RESULT",
+                             "UID", "PID", "DETAIL"], rows))
+
+
+def _subject(rec: dict) -> str | None:
+    """The key of a key operation; the disks and snapshots of a management operation."""
+    objects = rec.get("objects")
+    if not objects:
+        return rec["key_id"]
+    return ", ".join(f"{o['type']} {o['name']}" for o in objects)
 
 
 @cli.group("audit", invoke_without_command=True)
@@ -73,7 +81,7 @@ def _print_records(records: list[dict]) -> None:
 @json_option
 @click.pass_context
 def audit_group(ctx: click.Context, key: str | None, since: str | None):
-    """List the audit trail of key operations (successful and refused).
+    """List the audit trail of key and management operations (successful and refused).
 
     `blockcrypt audit verify` checks that no record was edited, removed or reordered.
     """

@@ -1,5 +1,5 @@
 """`blockcrypt disk ...`: create (also from a snapshot), reset, reinit, copy, list, show,
-delete, attach, detach, serve."""
+delete, attach, detach, serve, header-backup, header-restore."""
 from __future__ import annotations
 
 import contextlib
@@ -288,6 +288,9 @@ def detach_cmd(app: App, name, all_):
         r = svc.detach(name)
     if r["stale"]:
         app.info(f"disk {name}: its server had stopped; cleaned the stale attachment")
+    if r.get("catalog_pending"):
+        app.info(f"disk {name}: no space left in HOME {app.home.path} to record the detach; "
+                 "the next blockcrypt command after space is freed records it")
     app.emit(r, f"detached disk {name} from {r['device']}")
 
 
@@ -347,3 +350,38 @@ def serve_cmd(app: App, name, unix_path, tcp, read_only, tls_psk, tls_certificat
                   insecure_plaintext_tcp=insecure_plaintext_tcp, on_ready=ready,
                   threads=threads)
     app.info(f"stopped serving disk {name}")
+
+
+@disk_group.command("header-backup")
+@click.argument("name")
+@click.argument("file", type=click.Path(path_type=Path))
+@json_option
+@pass_app
+def header_backup_cmd(app: App, name, file):
+    """Save the header of disk NAME to a new FILE (mode 0600), as cryptsetup's
+    luksHeaderBackup.
+
+    FILE holds the public header fields and the data key wrapped by the CMK, never a
+    plaintext key; keep it to repair the disk with `blockcrypt disk header-restore`
+    if both header copies in its file are ever damaged.
+    """
+    with _service(app) as svc:
+        r = svc.header_backup(name, file)
+    app.emit(r, f"saved the header of disk {name} to {file}")
+
+
+@disk_group.command("header-restore")
+@click.argument("name")
+@click.argument("file", type=click.Path(path_type=Path))
+@json_option
+@pass_app
+def header_restore_cmd(app: App, name, file):
+    """Put a header saved by `blockcrypt disk header-backup` back into disk NAME, as
+    cryptsetup's luksHeaderRestore (the disk must be detached).
+
+    Refused, with nothing written, unless FILE is a backup of this very disk (same
+    id, lineage, encryption, CMK and geometry).
+    """
+    with _service(app) as svc:
+        r = svc.header_restore(name, file)
+    app.emit(r, f"restored the header of disk {name} from {file}")

@@ -1,8 +1,12 @@
-"""The audit trail: one hash-chained record per key operation, successful or refused.
+"""The audit trail: one hash-chained record per key or management operation,
+successful or refused.
 
 Each record is a JSON object (UTC time, operation, key id and version, the
 encryption context, the caller's uid / pid / command line, the result and, for a
-refusal, the error).  It is stored as canonical JSON (sorted keys, no whitespace)
+refusal, the error).  A management operation (disk, snapshot, attach, serve...)
+is recorded by :func:`record`, with the ``objects`` it acted on (type, name, id)
+and, for a refusal, the ``exit_code``; key operations are recorded by the key
+provider inside the transaction of their change.  It is stored as canonical JSON (sorted keys, no whitespace)
 together with::
 
     hash(n) = SHA-256( bytes.fromhex(hash(n-1)) || canonical_json(record n) )
@@ -31,6 +35,9 @@ import json
 import os
 import sqlite3
 import sys
+from datetime import datetime, timezone
+
+from ..storage.db import write_txn
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -69,13 +76,16 @@ def caller() -> dict:
 
 def append(conn: sqlite3.Connection, *, time: str, operation: str, key_id: str | None,
            key_version: int | None, context: dict | None, result: str,
-           error: str | None = None, details: dict | None = None) -> dict:
-    """Append one record; call inside a write transaction.  Returns the record."""
+           error: str | None = None, details: dict | None = None,
+           **extra) -> dict:
+    """Append one record; call inside a write transaction.  Returns the record.
+    ``extra`` fields (``objects``, ``exit_code``) are part of the record when given."""
     head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
     seq, prev = (head["seq"] + 1, head["hash"]) if head else (1, GENESIS_HASH)
     record = {"seq": seq, "time": time, "operation": operation, "key_id": key_id,
               "key_version": key_version, "context": context, "caller": caller(),
               "result": result, "error": error, "details": details or {}}
+    record.update({k: v for k, v in extra.items() if v is not None})
     raw = canonical(record)
     h = chain_hash(prev, raw)
     conn.execute("INSERT INTO audit_log (seq, time, operation, key_id, record, prev_hash, hash)"
@@ -85,6 +95,22 @@ def append(conn: sqlite3.Connection, *, time: str, operation: str, key_id: str |
                  "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                  (seq, h))
     return record
+
+
+def record(conn: sqlite3.Connection, operation: str, *, objects: list[dict],
+           error=None, details: dict | None = None) -> dict:
+    """Record a management operation in a write transaction of its own.
+
+    ``objects``: what it acted on, each ``{"type", "name", "id"}`` (the id is None
+    when the object does not exist); ``error``: the BlockcryptError of a refusal.
+    """
+    time = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    with write_txn(conn):
+        return append(conn, time=time, operation=operation, key_id=None, key_version=None,
+                      context=None, result="refused" if error else "success",
+                      error=f"{type(error).__name__}: {error.message}" if error else None,
+                      details=details, objects=objects,
+                      exit_code=error.exit_code if error else None)
 
 
 def query(conn: sqlite3.Connection, *, key_id: str | None = None,

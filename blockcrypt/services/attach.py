@@ -292,32 +292,52 @@ class Attachments:
     def detach(self, name: str) -> dict:
         """Detach an attached disk: refuse if mounted, else flush, disconnect, stop.
 
-        Returns {"name", "device", "stale": bool}; a stale attachment is just
-        cleaned."""
+        Returns {"name", "device", "stale": bool, "catalog_pending": bool}; a stale
+        attachment is just cleaned.  On a full home the device is released and the
+        server stopped all the same; the catalog row that could not be removed
+        (``catalog_pending``) is stale from then on and removed by a later command."""
         runtime.require_root("blockcrypt disk detach")
         disk = self.disks.disk_row(name)
         att = catalog.get_attachment(self.conn, disk["id"])
         if att is not None and self.cleanup_stale(disk["id"]):
-            return {"name": name, "device": att["device"], "stale": True}
-        with db.write_txn(self.conn):
+            return {"name": name, "device": att["device"], "stale": True,
+                    "catalog_pending": False}
+
+        def detachable() -> sqlite3.Row:
+            """The attachment, if it may be detached now (refusals as before)."""
             att = catalog.get_attachment(self.conn, disk["id"])
             if att is None:
                 raise errors.DiskNotAttached(name=name)
             if att["state"] != "attached" or att["method"] == SERVE:
                 raise self.in_use_error(name, att)
-            device = att["device"]
-            _check_not_busy(name, device)
-            catalog.update_attachment(self.conn, disk["id"], state="detaching",
-                                      owner_pid=self._pid, owner_start=self._start)
+            _check_not_busy(name, att["device"])
+            return att
+
+        marked = True
+        try:
+            with db.write_txn(self.conn):
+                att = detachable()
+                catalog.update_attachment(self.conn, disk["id"], state="detaching",
+                                          owner_pid=self._pid, owner_start=self._start)
+        except errors.HomeFull:
+            # A full home cannot record the mark: detach anyway.  The row stays
+            # 'attached'; once its server is stopped it is stale, and the first
+            # command that can write again deletes it (cleanup_stale).
+            att, marked = detachable(), False
+        device = att["device"]
         crashpoint("disk-detach.after-mark")
         try:
             runtime.teardown(att, Path(att["run_dir"]), clean=True)
         except BaseException:
-            self.update(disk["id"], state="attached", owner_pid=None, owner_start=None)
+            if marked:
+                self.update(disk["id"], state="attached", owner_pid=None, owner_start=None)
             raise
         crashpoint("disk-detach.after-teardown")
-        self.release(disk["id"])
-        return {"name": name, "device": device, "stale": False}
+        try:
+            self.release(disk["id"])
+        except errors.HomeFull:
+            marked = False
+        return {"name": name, "device": device, "stale": False, "catalog_pending": not marked}
 
 
 def _check_not_busy(name: str, device: str | None) -> None:

@@ -52,7 +52,7 @@ from pathlib import Path
 from .. import errors, names
 from ..constants import DEFAULT_SECTOR_SIZE, utc_timestamp
 from ..crypto.secret import Secret
-from ..storage import catalog, db
+from ..storage import catalog, db, header_backup
 from ..storage.file_store import FileStore
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
 from ..storage.store import Store
@@ -60,6 +60,7 @@ from ..testing.crashpoints import crashpoint
 from . import copy as copy_service
 from . import serve as serve_service
 from .attach import Attachments
+from .boundary import audited, record
 
 
 @contextlib.contextmanager
@@ -111,7 +112,7 @@ class DiskService:
 
     def path_of(self, disk: sqlite3.Row) -> Path:
         """Where the store keeps the disk's container."""
-        return self.store.locate(disk["path"])
+        return self.store.locate(disk["path"], owner=f"disk {disk['name']!r}")
 
     def run_dir_of(self, name: str) -> Path:
         return self.home.run_dir / name
@@ -120,8 +121,9 @@ class DiskService:
         """The disk's container header, checked against its catalog row."""
         path = self.path_of(disk)
         if not self.store.exists(path):
-            raise errors.StorageError(path=str(path),
-                                      reason=f"the container of disk {disk['name']!r} is missing")
+            if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
+                raise errors.DiskNotFound(name=disk["name"])    # deleted meanwhile
+            raise errors.NotFound(what="container file", name=str(path))
         header = self.store.read_header(path)
         catalog.check_header_matches(header, disk, path)
         return header
@@ -140,6 +142,7 @@ class DiskService:
         return self.store.recover(self.conn, "disks")
 
     # -- create / list / show / delete ---------------------------------------------------
+    @audited("disk-create", "disk:name")
     def create(self, name: str, size_bytes: int, *, encrypted: bool = True,
                key_ref: str | None = None, sector_size: int = DEFAULT_SECTOR_SIZE,
                discard: bool = False) -> dict:
@@ -223,6 +226,7 @@ class DiskService:
         return self.describe(disk, catalog.get_attachment(self.conn, disk["id"]),
                               disk["id"] in stale)
 
+    @audited("disk-delete", "disk:name")
     def delete(self, name: str) -> None:
         """Delete a disk (refused while attached or served): file and row."""
         self.recover_files()
@@ -239,6 +243,32 @@ class DiskService:
         crashpoint("disk-delete.after-row")
         self.store.remove(doomed)
 
+    # -- header backup and restore ----------------------------------------------------------
+    @audited("disk-header-backup", "disk:name")
+    def header_backup(self, name: str, dest: Path) -> dict:
+        """Save the disk's header (public fields and the wrapped DK) to a new file dest."""
+        disk = self.disk_row(name)
+        header = self.read_header(disk)
+        header_backup.write(dest, header)
+        return {"name": name, "id": header.uid_hex, "file": str(dest), "seq": header.seq}
+
+    @audited("disk-header-restore", "disk:name")
+    def header_restore(self, name: str, src: Path) -> dict:
+        """Put a header backup of this disk back into its container (detached only).
+        Refused, with nothing written, if the backup is of another disk."""
+        self.recover_files()
+        disk = self.disk_row(name)
+        self.attachments.require_free(disk)
+        backup = header_backup.read(src)
+        catalog.check_backup_matches(backup, disk, src)
+        path = self.path_of(disk)
+        with self.store.locked(path, exclusive=True) as lock:
+            if not lock.held:
+                raise errors.StateError(detail=f"disk {name!r} is in use by a program other "
+                                               "than blockcrypt; stop it and retry")
+            stored = self.store.restore_header(path, backup)
+        return {"name": name, "id": stored.uid_hex, "file": str(src), "seq": stored.seq}
+
     # -- attachments, serve and copy (delegated) ------------------------------------------
     def in_use_error(self, name: str, att: sqlite3.Row) -> errors.DiskAttached:
         return self.attachments.in_use_error(name, att)
@@ -247,28 +277,38 @@ class DiskService:
         """Clean stale attachments (all, or one disk's); returns the disk ids cleaned."""
         return self.attachments.cleanup_stale(disk_id)
 
+    @audited("disk-attach", "disk:name")
     def attach(self, name: str, *, read_only: bool = False,
                threads: int | None = None, force: bool = False) -> dict:
         """Attach the disk as a local block device; returns the description."""
         return self.attachments.attach(name, read_only=read_only, threads=threads, force=force)
 
+    @audited("disk-detach", "disk:name")
     def detach(self, name: str) -> dict:
         """Detach an attached disk; returns {"name", "device", "stale": bool}."""
         return self.attachments.detach(name)
 
+    @audited("disk-serve", "disk:name")
     def serve(self, name: str, *, unix_path: Path | None = None, tcp: str | None = None,
               read_only: bool = False, tls_psk: Path | None = None,
               tls_certificates: Path | None = None,
               insecure_plaintext_tcp: bool = False,
               on_ready: Callable[[dict], None] | None = None,
               threads: int | None = None) -> int:
-        """Serve the disk in the foreground until a signal (:func:`.serve.serve`)."""
+        """Serve the disk in the foreground until a signal (:func:`.serve.serve`).
+        Audited twice: ``disk-serve-started`` once it serves, ``disk-serve`` when it ends."""
+        def ready(info: dict) -> None:
+            record(self, "disk-serve-started", [("disk", name)],
+                   details={k: info[k] for k in ("endpoint", "read_only", "tls", "nbdkit_pid")})
+            if on_ready is not None:
+                on_ready(info)
         return serve_service.serve(self, name, unix_path=unix_path, tcp=tcp,
                                    read_only=read_only, tls_psk=tls_psk,
                                    tls_certificates=tls_certificates,
                                    insecure_plaintext_tcp=insecure_plaintext_tcp,
-                                   on_ready=on_ready, threads=threads)
+                                   on_ready=ready, threads=threads)
 
+    @audited("disk-copy", "disk:src_name", "disk:dst_name")
     def copy(self, src_name: str, dst_name: str, *, progress: bool = False) -> dict:
         """Copy SRC's files onto DST, both detached (:func:`.copy.copy_files`)."""
         return copy_service.copy_files(self, src_name, dst_name, progress=progress)

@@ -73,6 +73,7 @@ from ..storage.file_store import allocated_bytes
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
 from ..system import quiesce
 from ..testing.crashpoints import crashpoint
+from .boundary import about, audited
 from .disks import DiskService, publishing
 
 # How long a command waits for a concurrent one to settle: an attach in progress
@@ -86,6 +87,11 @@ def disk_lineage(disk: sqlite3.Row) -> str:
     """A disk's lineage id (hex): the header's for encrypted disks; for
     unencrypted ones the id of the disk its data descends from."""
     return disk["lineage_id"] or disk["id"]
+
+
+def _what(row: sqlite3.Row) -> str:
+    """'disk' or 'snapshot': which table a catalog row comes from."""
+    return "snapshot" if "disk_name" in row.keys() else "disk"
 
 
 def get_snapshot(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
@@ -118,7 +124,7 @@ class LifecycleService:
     # -- paths ------------------------------------------------------------------
     def path_of(self, row: sqlite3.Row) -> Path:
         """Where the store keeps the container of a disk or snapshot row."""
-        return self.store.locate(row["path"])
+        return self.store.locate(row["path"], owner=f"{_what(row)} {row['name']!r}")
 
     # -- crash recovery -----------------------------------------------------------
     def recover_files(self) -> list[str]:
@@ -139,7 +145,8 @@ class LifecycleService:
         """Turn tmp, a copy of source's container (a disk or snapshot row), into a
         container of its own: kind, new uid, size (growth only), and the same DK
         re-wrapped for the new key context."""
-        old = self.store.read_header(tmp)
+        with about(_what(source), source["name"], self.home.path, self.path_of(source)):
+            old = self.store.read_header(tmp)   # the copy: errors name the source
         catalog.check_header_matches(old, source, self.path_of(source))
         new = old.replace(kind=kind, uid=uid,
                           size_bytes=old.size_bytes if size_bytes is None else size_bytes)
@@ -173,8 +180,7 @@ class LifecycleService:
                 except errors.NotFound:
                     if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
                         raise errors.DiskNotFound(name=disk["name"]) from None   # deleted
-                    raise errors.StorageError(path=str(src), reason=f"the container of disk "
-                                              f"{disk['name']!r} is missing") from None
+                    raise errors.NotFound(what="container file", name=str(src)) from None
                 # copy from this handle: the very container that was locked; not
                 # held means a read-write server holds it
                 att = catalog.get_attachment(self.conn, disk["id"])
@@ -200,7 +206,8 @@ class LifecycleService:
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
             try:
-                return self.store.clone(path, dst)
+                with about("snapshot", snap["name"], self.home.path, path):
+                    return self.store.clone(path, dst)
             except errors.NotFound:
                 if self._snapshot_row(snap["name"]) is None:
                     raise errors.SnapshotNotFound(name=snap["name"]) from None  # deleted
@@ -210,6 +217,7 @@ class LifecycleService:
             time.sleep(0.05)
 
     # -- snapshots ----------------------------------------------------------------
+    @audited("snapshot-create", "disk:disk_name", "snapshot:snap_name")
     def create_snapshot(self, disk_name: str, snap_name: str) -> dict:
         """Snapshot a disk, attached or not (see the module doc)."""
         names.validate_name(disk_name)
@@ -272,6 +280,7 @@ class LifecycleService:
     def show_snapshot(self, name: str) -> dict:
         return self._describe_snapshot(get_snapshot(self.conn, name))
 
+    @audited("snapshot-delete", "snapshot:name")
     def delete_snapshot(self, name: str) -> dict:
         """Delete a snapshot.  Disks created from it are independent copies and
         are not affected (only `disk reinit` of such a disk needs it)."""
@@ -285,6 +294,7 @@ class LifecycleService:
         self.store.remove(doomed)
         return {"name": row["name"], "id": row["id"], "deleted": True}
 
+    @audited("snapshot-export", "snapshot:name")
     def export_snapshot(self, name: str, dest: Path) -> dict:
         """Write an unencrypted snapshot's data area to dest as a raw sparse image.
 
@@ -301,12 +311,16 @@ class LifecycleService:
         dest = Path(dest)
         if dest.exists() or dest.is_symlink():
             raise errors.AlreadyExists(what="file", name=str(dest))
+        if not dest.parent.is_dir():    # else the error would name the export's temp file
+            raise errors.InvalidInput(detail=f"cannot export snapshot {name!r} to {dest}: "
+                                             f"no such directory {dest.parent}")
         method = self.store.export(src, dest, offset=header.data_offset,
                                    length=header.size_bytes)
         return {"name": name, "file": str(dest), "size_bytes": header.size_bytes,
                 "allocated_bytes": allocated_bytes(dest), "copy_method": method}
 
     # -- disks from snapshots ------------------------------------------------------
+    @audited("disk-create-from-snapshot", "disk:name", "snapshot:snap_name")
     def create_disk_from_snapshot(self, name: str, snap_name: str, *,
                                   size_bytes: int | None = None, encrypted: bool | None = None,
                                   key_ref: str | None = None, sector_size: int | None = None,
@@ -384,6 +398,7 @@ class LifecycleService:
                            f"{target} inherits it; --key {key_ref} names another key")
 
     # -- reset and re-initialise ---------------------------------------------------
+    @audited("disk-reset", "disk:name", "snapshot:snap_name")
     def reset_disk(self, name: str, snap_name: str) -> dict:
         """Restore a detached disk to a snapshot of its own lineage (ResetDisk).
 
@@ -401,6 +416,7 @@ class LifecycleService:
                                           f"{disk['cmk_id']}")
         return self._replace_from_snapshot(disk, snap, "reset")
 
+    @audited("disk-reinit", "disk:name")
     def reinit_disk(self, name: str) -> dict:
         """Return a detached disk to its initial state, keeping its key (ReInitDisk):
         blank, or the snapshot it was created from."""

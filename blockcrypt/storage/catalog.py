@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from .. import errors
 from .db import register_schema
+from .home import resolve_inside
 
 if TYPE_CHECKING:
     from .header import Header
@@ -125,6 +126,21 @@ def check_header_matches(header: Header, row: sqlite3.Row, path: Path) -> None:
             "the file is not used")
 
 
+def check_backup_matches(header: Header, row: sqlite3.Row, file: Path) -> None:
+    """Refuse a header backup (`disk header-restore`) that is not of the disk in ``row``:
+    its id, lineage, encryption, CMK and geometry must be the catalog's."""
+    mine = {"id": row["id"], "lineage": row["lineage_id"], "encrypted": bool(row["encrypted"]),
+            "CMK": row["cmk_id"], "size": row["size_bytes"], "sector size": row["sector_size"]}
+    theirs = {"id": header.uid_hex, "lineage": header.lineage_hex,
+              "encrypted": header.encrypted, "CMK": header.cmk_id, "size": header.size_bytes,
+              "sector size": header.sector_size}
+    wrong = [f"its {k} is {theirs[k]}, the disk's is {v}" for k, v in mine.items()
+             if theirs[k] != v]
+    if wrong:
+        raise errors.HeaderBackupMismatch(file=str(file), name=row["name"],
+                                          reason="; ".join(wrong))
+
+
 # -- disks ----------------------------------------------------------------------
 
 def get_disk(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
@@ -169,12 +185,32 @@ def insert_snapshot(conn: sqlite3.Connection, **row) -> None:
 
 # -- attachments --------------------------------------------------------------
 
+def home_of(conn: sqlite3.Connection) -> Path:
+    """The blockcrypt home: the folder of the database file ``conn`` opened."""
+    return Path(conn.execute("PRAGMA database_list").fetchone()[2]).parent
+
+
+def _checked(conn: sqlite3.Connection, att: sqlite3.Row | None) -> sqlite3.Row | None:
+    """An attachment row whose run directory (removed by teardown) and control socket
+    lie in ``<home>/run/``; CatalogTampered otherwise.  (A serve socket may be anywhere
+    the user chose; teardown removes it only if it is a socket.)"""
+    if att is not None:
+        home = home_of(conn)
+        what = f"the run directory of disk id {att['disk_id']}"
+        run_dir = resolve_inside(home, att["run_dir"], ("run",), what)
+        if att["control_socket"]:
+            resolve_inside(home, att["control_socket"], (str(run_dir.relative_to(
+                home.resolve())),), f"the control socket of disk id {att['disk_id']}")
+    return att
+
+
 def get_attachment(conn: sqlite3.Connection, disk_id: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM attachments WHERE disk_id = ?", (disk_id,)).fetchone()
+    return _checked(conn, conn.execute("SELECT * FROM attachments WHERE disk_id = ?",
+                                       (disk_id,)).fetchone())
 
 
 def list_attachments(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    return conn.execute("SELECT * FROM attachments").fetchall()
+    return [_checked(conn, a) for a in conn.execute("SELECT * FROM attachments").fetchall()]
 
 
 def insert_attachment(conn: sqlite3.Connection, **row) -> None:

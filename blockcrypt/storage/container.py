@@ -259,6 +259,31 @@ def write_header(path: os.PathLike | str, header: Header) -> Header:
         os.close(fd)
 
 
+def restore_header(path: os.PathLike | str, header: Header) -> Header:
+    """Write ``header`` (from a header backup) into the container (F-37); returns it as
+    stored.  Works when no copy is valid (what a backup is for); its seq exceeds both
+    the backup's and any valid copy's, so it wins, and the copies are written as an
+    update (F-25): a crash leaves the old state or the restored header."""
+    p = os.fspath(path)
+    fd = _open_locked(p, writable=True)
+    try:
+        try:
+            loaded = _load(fd, p)
+        except errors.UnknownVersion:       # written by a newer blockcrypt: never downgrade
+            raise
+        except errors.FormatError:          # both copies damaged
+            try:
+                size = os.fstat(fd).st_size
+            except OSError as exc:
+                raise errors.storage_error(p, exc, CONTAINER_FILE) from None
+            loaded = _Loaded(header, b"", winner=0, stale=[1], file_size=size)
+        base = loaded.header.replace(seq=max(loaded.header.seq, header.seq))
+        loaded = _Loaded(base, loaded.raw, loaded.winner, loaded.stale, loaded.file_size)
+        return _update_locked(fd, p, loaded, header, loaded.file_size)
+    finally:
+        os.close(fd)
+
+
 def grow_container(path: os.PathLike | str, size_bytes: int, *,
                    wrapped_dk: bytes | None = None) -> Header:
     """Grow a container to size_bytes (F-29); returns the stored header.

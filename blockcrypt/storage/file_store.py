@@ -28,9 +28,10 @@ from .. import errors
 from ..system import proc
 from . import container, fastcopy, publish
 from .header import Header
-from .home import fsync_dir, private_umask
+from .home import fsync_dir, private_umask, resolve_inside
 from .store import ContainerLock, Store
 
+CONTAINER_DIRS = ("disks", "snapshots")   # the catalog tables, and their folders
 LOCK_POLL_S = 0.1   # how often locked() retries a lock held by someone else
 
 
@@ -70,8 +71,8 @@ class FileStore(Store[Path]):
     def new_ref(self, table: str, obj_id: str) -> str:
         return f"{table}/{publish.container_name(obj_id)}"
 
-    def locate(self, ref: str) -> Path:
-        return self.root / ref
+    def locate(self, ref: str, *, owner: str = "a container") -> Path:
+        return resolve_inside(self.root, ref, CONTAINER_DIRS, owner)
 
     def staging(self, final: Path) -> Path:
         pid = os.getpid()
@@ -91,6 +92,9 @@ class FileStore(Store[Path]):
 
     def write_header(self, loc: Path, header: Header) -> Header:
         return container.write_header(loc, header)
+
+    def restore_header(self, loc: Path, header: Header) -> Header:
+        return container.restore_header(loc, header)
 
     def reserve(self, loc: Path, header: Header) -> None:
         os.truncate(loc, header.file_size_bytes)

@@ -68,6 +68,10 @@ def create_private_file(path, what: str = "file") -> int:
                            | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise errors.AlreadyExists(what=what, name=os.fspath(path)) from None
+    except FileNotFoundError:       # the file is being created: its folder is missing
+        folder = os.path.dirname(os.path.abspath(path))
+        raise errors.NotFound(f"cannot create {what} {os.fspath(path)}: no such directory "
+                              f"{folder}", what=what, name=os.fspath(path)) from None
     except OSError as exc:
         raise errors.storage_error(path, exc, what) from None
 
@@ -103,6 +107,23 @@ def open_secret_file(path: os.PathLike | str, what: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def resolve_inside(root: Path | str, path: Path | str, dirs: tuple[str, ...],
+                   what: str) -> Path:
+    """``path`` (relative to ``root``, or absolute), resolved, if it lies directly in one
+    of ``dirs`` under ``root``; CatalogTampered otherwise.
+
+    Every path read from the catalog passes here before it is opened, renamed or
+    removed: a row edited to ``../victim``, ``/etc/passwd`` or ``disks/../blockcrypt.db``
+    is refused instead of followed.
+    """
+    base = Path(root).resolve()
+    resolved = (base / path).resolve() if str(path) else base
+    if resolved.name and any(resolved.parent == base / d for d in dirs):
+        return resolved
+    raise errors.CatalogTampered(what=what, path=str(path), home=str(base),
+                                 where=" or ".join(f"{d}/" for d in dirs))
 
 
 class Home:

@@ -74,9 +74,10 @@ class Store(abc.ABC, Generic[L]):
         ``obj_id`` whose row goes into ``table`` (``disks`` or ``snapshots``)."""
 
     @abc.abstractmethod
-    def locate(self, ref: str) -> L:
+    def locate(self, ref: str, *, owner: str = "a container") -> L:
         """The location of the container the catalog records as ``ref`` (a
-        row's ``path``, e.g. ``disks/<id>.bcd``)."""
+        row's ``path``, e.g. ``disks/<id>.bcd``) for ``owner`` (``"disk 'db'"``).
+        CatalogTampered if ``ref`` names anything outside the store."""
 
     @abc.abstractmethod
     def staging(self, final: L) -> L:
@@ -105,6 +106,11 @@ class Store(abc.ABC, Generic[L]):
         """Replace the header crash-safely (F-25, F-26): at every instant one
         copy holds the old or the new header.  Returns the stored header
         (seq = old seq + 1; ``header.seq`` is ignored)."""
+
+    @abc.abstractmethod
+    def restore_header(self, loc: L, header: Header) -> Header:
+        """Put ``header`` (from a header backup) back into the container, even when no
+        copy in it is valid (F-37); crash-safe like :meth:`write_header`."""
 
     @abc.abstractmethod
     def reserve(self, loc: L, header: Header) -> None:

@@ -58,7 +58,8 @@ def test_filesystem_roundtrip(env, encrypted, sector):
     mp = env.mount(dev)
     hashes = write_files(mp)
     env.umount(mp)
-    assert env.detach("fs") == {"name": "fs", "device": dev, "stale": False}
+    assert env.detach("fs") == {"name": "fs", "device": dev, "stale": False,
+                                "catalog_pending": False}
     assert env.json("disk", "show", "fs")["state"] == "available"
     assert not (env.home / "run" / "fs").exists()
     assert env.rows("attachments") == []

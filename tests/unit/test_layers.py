@@ -30,11 +30,12 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "nbd": BASE + ("blockcrypt.crypto", "blockcrypt.storage.volume", "blockcrypt.storage.header",
                    "blockcrypt.storage.container", "blockcrypt.system.libc"),
     "services": BASE + ("blockcrypt.names", "blockcrypt.crypto.secret", "blockcrypt.kms.provider",
+                        "blockcrypt.kms.audit",
                         "blockcrypt.nbd.launch", "blockcrypt.storage", "blockcrypt.system",
                         "blockcrypt.testing"),
     "cli": BASE + ("blockcrypt.names", "blockcrypt.crypto.secret", "blockcrypt.kms",
                    "blockcrypt.services", "blockcrypt.storage.catalog",
-                   "blockcrypt.storage.home"),
+                   "blockcrypt.storage.db", "blockcrypt.storage.home"),
     "__main__": ("blockcrypt.cli",),
     "__init__": (),
 }

@@ -56,7 +56,10 @@ def state_error(row, action: str, next_step: str | None = None) -> errors.KeySta
             DESTROYED:
                 f"its material was destroyed on {row['destroyed_at']}; data wrapped by it "
                 "cannot be recovered",
-        }[row["state"]]
+        }.get(row["state"], "this blockcrypt does not know that state: the key store "
+                            "(blockcrypt.db in the home) was edited or written by a newer "
+                            "blockcrypt; upgrade blockcrypt or restore blockcrypt.db from "
+                            "a backup")
     return errors.KeyStateError(key_id=label(row), state=row["state"],
                                 detail=f"it cannot {action}; {next_step}")
 

@@ -25,7 +25,7 @@ def test_insert_rows_of_every_table(conn):
                                 size_bytes=4096, sector_size=4096, encrypted=0, cmk_id=None,
                                 lineage_id="ab" * 16, created_at="2026-01-01T00:00:01Z")
         catalog.insert_attachment(conn, disk_id="ab" * 16, state="attaching", method="serve",
-                                  read_only=0, run_dir="/run/x", attached_at="t")
+                                  read_only=0, run_dir=str(catalog.home_of(conn) / "run" / "d1"), attached_at="t")
     assert catalog.get_disk(conn, "d1")["path"] == f"disks/{'ab' * 16}.bcd"
     snap = conn.execute("SELECT * FROM snapshots WHERE name = 's1'").fetchone()
     assert tuple(snap.keys()) == catalog.SNAPSHOT_COLUMNS and snap["disk_name"] == "d1"

@@ -860,3 +860,120 @@ def test_every_container_rule_is_cited_by_a_test():
             cited |= {f"F-{i}" for i in range(int(lo), int(hi) + 1)}
     missing = sorted(rules - DATA_AREA_RULES - cited, key=lambda r: int(r[2:]))
     assert not missing, f"rules without a test: {missing}"
+
+
+# --- header backup files (F-35, F-36, F-37) ----------------------------------------
+
+def test_f35_backup_is_one_header_copy_and_round_trips(tmp_path, created):
+    """F-35: magic, version, padding, then the copy exactly as the container stores it."""
+    from blockcrypt.storage import header_backup
+    path, h = created
+    backup = tmp_path / "hdr.bak"
+    header_backup.write(backup, read_header(path))
+    raw = backup.read_bytes()
+    assert len(raw) == header_backup.SIZE == 16 + COPY_SIZE
+    assert raw[:8] == b"BCHDRBAK" and raw[8:10] == b"\x01\x00" and raw[10:16] == bytes(6)
+    assert raw[16:] == slots(path)[0]          # the public fields and the wrapped DK only
+    assert header_backup.read(backup) == read_header(path)
+
+
+@pytest.mark.parametrize("damage", ["short", "long", "magic", "version", "padding", "copy"])
+def test_f35_a_bad_backup_is_refused(tmp_path, created, damage):
+    from blockcrypt.storage import header_backup
+    path, h = created
+    raw = bytearray(header_backup.encode(read_header(path)))
+    if damage == "short":
+        raw = raw[:-1]
+    elif damage == "long":
+        raw += b"\0"
+    elif damage == "magic":
+        raw[0] ^= 1
+    elif damage == "version":
+        raw[8] = 2
+    elif damage == "padding":
+        raw[12] = 1
+    else:
+        raw[16 + 300] ^= 1
+    backup = tmp_path / "bad.bak"
+    backup.write_bytes(bytes(raw))
+    with pytest.raises(errors.InvalidHeaderBackup) as e:
+        header_backup.read(backup)
+    assert str(backup) in e.value.message
+
+
+def test_f36_backup_file_is_private_exclusive_and_never_follows_a_symlink(tmp_path, created):
+    from blockcrypt.storage import header_backup
+    path, h = created
+    backup = tmp_path / "hdr.bak"
+    header_backup.write(backup, h)
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    with pytest.raises(errors.AlreadyExists):
+        header_backup.write(backup, h)
+    link = tmp_path / "link.bak"
+    link.symlink_to(tmp_path / "target")
+    with pytest.raises(errors.AlreadyExists):
+        header_backup.write(link, h)
+    assert not (tmp_path / "target").exists()
+
+
+def test_f37_restore_repairs_a_container_whose_copies_are_both_damaged(created):
+    path, h = created
+    saved = read_header(path)
+    for off in COPY_OFFSETS:
+        put(path, off + 300, b"\x55\xaa")
+    with pytest.raises(errors.ChecksumMismatch):
+        read_header(path)
+    stored = container.restore_header(path, saved)
+    assert read_header(path) == stored == saved.replace(seq=saved.seq + 1)
+    assert slots(path) == (encode_copy(stored),) * 2
+
+
+def test_f37_restored_header_wins_over_newer_valid_copies(created):
+    path, h = created
+    saved = read_header(path)
+    for _ in range(3):
+        write_header(path, h.replace(cmk_version=7))
+    stored = container.restore_header(path, saved)
+    assert stored.seq == 4 and read_header(path) == stored and stored.cmk_version == 2
+
+
+def test_f37_restore_refuses_an_unknown_version(tmp_path):
+    path = tmp_path / "v2.bcd"
+    raw = build_copy(version=2)
+    write_container(path, raw, raw, file_size=MiB + DEFAULTS["size_bytes"])
+    with pytest.raises(errors.UnknownVersion):
+        container.restore_header(path, header_for())
+    assert slots(path) == (raw, raw)
+
+
+def test_f37_restore_is_crash_safe(created):
+    """F-37 with F-26: a crash before any step leaves the old or the restored header."""
+    path, h = created
+    saved = read_header(path)
+    for off in COPY_OFFSETS:
+        put(path, off + 300, b"\x55")
+    base = path.read_bytes()
+    steps: list[str] = []
+    container._fault_hook = steps.append
+    try:
+        container.restore_header(path, saved)
+    finally:
+        container._fault_hook = None
+    assert steps == ["write:B", "fsync:B", "write:A", "fsync:A"]
+    for crash_at in steps:
+        path.write_bytes(base)
+
+        def hook(step, crash_at=crash_at):
+            if step == crash_at:
+                raise Crash(step)
+        container._fault_hook = hook
+        try:
+            with pytest.raises(Crash):
+                container.restore_header(path, saved)
+        finally:
+            container._fault_hook = None
+        if crash_at == "write:B":
+            with pytest.raises(errors.ChecksumMismatch):
+                read_header(path)                 # the old (damaged) state, untouched
+        else:
+            assert read_header(path) == saved.replace(seq=saved.seq + 1)

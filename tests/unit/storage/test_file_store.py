@@ -131,7 +131,7 @@ def test_clone_from_a_path_and_from_a_lock_copies_the_bytes(store):
     with pytest.raises(errors.AlreadyExists):
         store.clone(final, copy2)
     with pytest.raises(errors.NotFound):
-        store.clone(store.locate("disks/missing.bcd"), store.staging(store.locate("d/z")))
+        store.clone(store.locate("disks/missing.bcd"), store.staging(store.locate("disks/z.bcd")))
 
 
 def test_clone_refuses_another_stores_lock(store):
@@ -313,3 +313,20 @@ def test_recover_leaves_foreign_names_and_missing_dirs(store, conn, tmp_path):
     assert store.recover(conn, "snapshots") == []
     assert odd.exists()
     assert FileStore(tmp_path / "nowhere").recover(conn, "disks") == []
+
+
+@pytest.mark.parametrize("ref", ["../victim", "/etc/passwd", "disks/../blockcrypt.db",
+                                 "disks/../../victim", "disks", "", "run/x/disk.bcd",
+                                 "disks/sub/x.bcd"])
+def test_locate_refuses_a_reference_outside_the_container_folders(tmp_path, ref):
+    """Issue 12 item 6: a catalog path is followed only inside disks/ or snapshots/."""
+    with pytest.raises(errors.CatalogTampered) as e:
+        FileStore(tmp_path).locate(ref, owner="disk 'db'")
+    assert "disk 'db'" in e.value.message and "restore blockcrypt.db" in e.value.message
+
+
+def test_locate_refuses_a_symlink_leading_out_of_the_home(tmp_path):
+    (tmp_path / "disks").mkdir()
+    (tmp_path / "disks" / "a.bcd").symlink_to("/etc/hostname")
+    with pytest.raises(errors.CatalogTampered):
+        FileStore(tmp_path).locate("disks/a.bcd")
