@@ -2,7 +2,9 @@
 
 Every read/write check compares against a shadow bytearray; on-disk checks
 read the container file directly and decrypt with pyca's XTS independently of
-blockcrypt.crypto.xts.
+blockcrypt.crypto.xts.  Every test runs on both request paths: the compiled
+one (blockcrypt.crypto._datapath.Disk) and the Python reference path
+(engine="reference": PythonSectors with pyca's XTS).
 """
 from __future__ import annotations
 
@@ -43,9 +45,22 @@ def make_container(path: Path, size_bytes: int, sector_size: int, encrypted: boo
     return container.create_container(path, header), dk
 
 
+ENGINE = {"name": "compiled"}
+
+
+@pytest.fixture(autouse=True, params=["compiled", "reference"])
+def engine(request):
+    """Run the test on each request path (open_backend uses it)."""
+    ENGINE["name"] = request.param
+    yield request.param
+    ENGINE["name"] = "compiled"
+
+
 def open_backend(path: Path, dk: bytes | None, *, read_only=False, discard=False):
-    return DiskBackend(path, Secret(dk) if dk is not None else None,
-                       read_only=read_only, discard=discard)
+    b = DiskBackend(path, Secret(dk) if dk is not None else None,
+                    read_only=read_only, discard=discard, engine=ENGINE["name"])
+    assert b.engine_name == ("compiled" if ENGINE["name"] == "compiled" else "python")
+    return b
 
 
 def read_all(b: DiskBackend, count: int | None = None, offset: int = 0) -> bytearray:
@@ -570,13 +585,17 @@ def test_scratch_buffers_are_reused_not_made_per_request(tmp_path, sector_size):
     """Encrypted writes borrow scratch buffers from a pool: short-lived threads
     one after the other (as nbdkit's callbacks look to Python) reuse one
     buffer; a burst of concurrent writes keeps at most MAX_IDLE_SCRATCH; every
-    write lands intact whatever buffer it used."""
-    from blockcrypt.nbd import backend
+    write lands intact whatever buffer it used.  (The Python path's pool; the
+    compiled path keeps one scratch buffer per thread, freed with the thread:
+    tests/e2e/test_memory.py bounds nbdkit's memory under load.)"""
+    from blockcrypt.nbd import sectors as backend
     path = tmp_path / "s.bcd"
     _, dk = make_container(path, 4 * MiB, sector_size, True)
     rng = random.Random(sector_size)
     expect = bytearray(4 * MiB)
+    ENGINE["name"] = "reference"
     with open_backend(path, dk) as b:
+        pool = b._sectors
         for i in range(50):
             size = rng.choice([sector_size, 4 * KiB, 64 * KiB, 64 * KiB + sector_size,
                                backend.CHUNK_BYTES + 2 * sector_size])
@@ -586,7 +605,7 @@ def test_scratch_buffers_are_reused_not_made_per_request(tmp_path, sector_size):
             th = threading.Thread(target=b.pwrite, args=(data, offset, False))
             th.start()
             th.join()
-        assert len(b._idle_scratch) == 1
+        assert len(pool._idle_scratch) == 1
         assert read_all(b) == expect
 
         n_threads = backend.MAX_IDLE_SCRATCH + 8
@@ -605,6 +624,6 @@ def test_scratch_buffers_are_reused_not_made_per_request(tmp_path, sector_size):
             th.start()
         for th in threads:
             th.join()
-        assert 1 <= len(b._idle_scratch) <= backend.MAX_IDLE_SCRATCH
+        assert 1 <= len(pool._idle_scratch) <= backend.MAX_IDLE_SCRATCH
         assert read_all(b) == expect
-    assert b._idle_scratch == []                              # close() unmapped them
+    assert pool._idle_scratch == []                              # close() unmapped them
