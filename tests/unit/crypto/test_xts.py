@@ -28,7 +28,7 @@ from blockcrypt.crypto.compiled import datapath
 from blockcrypt.crypto.secret import Secret
 
 from support.cli import REPO
-from support.prereq import require_tools
+from support.prereq import require, require_tools
 
 DATA = REPO / "tests" / "data" / "xts"
 
@@ -510,6 +510,25 @@ def test_compiled_refuses_non_contiguous():
     buf = bytearray(4096)
     with pytest.raises(errors.InvalidInput, match="contiguous"):
         fast.encrypt_into(memoryview(buf)[::2], bytearray(2048), 0)
+
+
+def test_compiled_key_lives_in_a_locked_dontdump_page():
+    """The compiled cipher's key page: mlocked ("lo"), MADV_DONTDUMP ("dd"),
+    holding exactly K1 || K2, unmapped once wiped."""
+    require(os.geteuid() == 0, "only root may always mlock (no RLIMIT_MEMLOCK)")
+    import ctypes
+
+    from test_secret import vm_flags_at
+    key = random_key()
+    c = xts.XtsCipher(key, 4096)
+    addr = c.xts.key_address
+    assert c.xts.locked and c.xts.dontdump and addr % 4096 == 0
+    assert {"lo", "dd"} <= vm_flags_at(addr)
+    assert ctypes.string_at(addr, 64) == key.reveal()
+    c.wipe()
+    assert c.xts.key_address is None
+    with pytest.raises(AssertionError, match="no mapping"):   # cleansed and unmapped
+        vm_flags_at(addr)
 
 
 def test_compiled_module_checks_its_own_arguments():
