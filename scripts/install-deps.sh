@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 # nbdkit's Python plugin embeds /usr/bin/python3, so the venv must be built from
 # that interpreter (see ../shared/ENVIRONMENT.md).  gcc, python3-dev and libssl-dev
-# build the compiled data path (blockcrypt/crypto/_datapath.c) at `pip install`;
+# build the compiled data path (blockcrypt/crypto/_datapath_src/) at `pip install`;
 # valgrind checks it (make test-sanitize).
 APT_PACKAGES=(
   nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client
@@ -42,7 +42,7 @@ fi
 VENV=.venv
 # The stamp covers the C sources too: an editable install compiles them once, so
 # a changed extension is rebuilt by the next `make install`.
-stamp=$VENV/.installed-$(cat pyproject.toml blockcrypt/crypto/*.c | sha256sum | cut -c1-16)
+stamp=$VENV/.installed-$(cat pyproject.toml blockcrypt/crypto/_datapath_src/* | sha256sum | cut -c1-16)
 if [[ ! -f $stamp ]]; then
   if [[ ! -x $VENV/bin/python ]] || [[ $(readlink -f $VENV/bin/python) != $(readlink -f /usr/bin/python3) ]]; then
     rm -rf "$VENV"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The compiled data path (blockcrypt/crypto/_datapath.c) under the sanitizers.
+# The compiled data path (blockcrypt/crypto/_datapath_src/) under the sanitizers.
 #
 #   scripts/test-sanitize.sh [asan|valgrind|all]     (default: all; `make test-sanitize`)
 #
@@ -27,7 +27,7 @@ if [[ $what == asan || $what == all ]]; then
   so=$tmp/_datapath$suffix
   gcc -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
       -std=gnu11 -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
-      -shared -fPIC -I"$include" blockcrypt/crypto/_datapath.c -lcrypto -o "$so"
+      -shared -fPIC -I"$include" blockcrypt/crypto/_datapath_src/*.c -lcrypto -o "$so"
   export BLOCKCRYPT_TESTONLY_DATAPATH_SO=$so
   export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
   export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1

@@ -1,6 +1,6 @@
 """Loading the compiled data path, and the loud warning when it is missing.
 
-``blockcrypt/crypto/_datapath.c`` is built by ``pip install`` (the project's
+``blockcrypt/crypto/_datapath_src/*.c`` is built by ``pip install`` (the project's
 pyproject.toml) and holds AES-256-XTS through libcrypto's EVP API (key in
 mlocked, MADV_DONTDUMP memory) and whole NBD requests on a container file with
 the GIL released (see docs/ARCHITECTURE.md).  :func:`datapath` returns that

@@ -179,7 +179,7 @@ class _ThreadStates:
     unpinned with PyGILState_Release instead.  The calls are the documented
     C API, made by the compiled extension (``pin_thread_state``,
     ``release_thread_state``, ``live_thread_states`` in
-    blockcrypt/crypto/_datapath.c).  Without the extension :meth:`pin` does
+    blockcrypt/crypto/_datapath_src/module.c).  Without the extension :meth:`pin` does
     nothing (the slow path, announced on stderr by the backend).
     """
 

@@ -1,5 +1,5 @@
 """Tests of the AES-256-XTS sector cipher (blockcrypt/crypto/xts/ and the
-compiled engine, Xts of blockcrypt/crypto/_datapath.c).
+compiled engine, Xts of blockcrypt/crypto/_datapath_src/xts.c).
 
 Known answers come from IEEE 1619-2007 Annex B (tests/data/xts/) and NIST CAVP
 XTSGenAES256, complete, from the PyPI package cryptography-vectors.  The

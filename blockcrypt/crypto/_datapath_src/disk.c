@@ -1,0 +1,570 @@
+/*
+ * The Disk type: one whole NBD request per call on a container file, the GIL
+ * released from start to end: pread(2)/pwrite(2), XTS (xts.c), the zero-sector
+ * rule, the partial-sector read-modify-write and the striped sector locks.
+ */
+#include "datapath.h"
+
+static const unsigned char zero_chunk[CHUNK_BYTES];
+pthread_key_t scratch_key;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;                      /* our own dup of the volume's descriptor */
+    int64_t base;                /* file offset of sector 0 */
+    int64_t size;                /* bytes in the data area */
+    unsigned ss;
+    int read_only;
+    XtsObject *xts;              /* NULL: unencrypted */
+    PyObject *name;              /* for messages */
+    int closed;
+    pthread_rwlock_t lock;       /* requests shared, close() exclusive */
+    pthread_mutex_t stripes[LOCK_STRIPES];
+} DiskObject;
+
+
+static unsigned char *
+thread_scratch(void)
+{
+    unsigned char *p = pthread_getspecific(scratch_key);
+    if (p == NULL) {
+        /* Anonymous mapping: only the pages a request touches use memory. */
+        void *m = mmap(NULL, CHUNK_BYTES, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED)
+            return NULL;
+        if (pthread_setspecific(scratch_key, m) != 0) {
+            munmap(m, CHUNK_BYTES);
+            return NULL;
+        }
+        p = m;
+    }
+    return p;
+}
+
+void
+scratch_destroy(void *p)
+{
+    munmap(p, CHUNK_BYTES);
+}
+
+static int
+pread_full(int fd, unsigned char *buf, size_t n, int64_t off, Status *st)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = pread(fd, buf + got, n - got, (off_t)(off + (int64_t)got));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            st->kind = FAIL_ERRNO;
+            st->err = errno;
+            return -1;
+        }
+        if (r == 0) {                        /* past the end of a short file: zeros */
+            memset(buf + got, 0, n - got);
+            return 0;
+        }
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+static int
+pwrite_full(int fd, const unsigned char *buf, size_t n, int64_t off, Status *st)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = pwrite(fd, buf + done, n - done, (off_t)(off + (int64_t)done));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            st->kind = FAIL_ERRNO;
+            st->err = errno;
+            return -1;
+        }
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+/* Take the stripes of sectors [first, end) in ascending order; returns the held mask. */
+typedef struct { uint64_t mask; } Held;
+
+static Held
+lock_range(DiskObject *d, uint64_t first, uint64_t end)
+{
+    Held h = {0};
+    uint64_t g0 = first / LOCK_GROUP, g1 = (end - 1) / LOCK_GROUP;
+    if (g1 - g0 + 1 >= LOCK_STRIPES) {
+        h.mask = ~(uint64_t)0;
+    } else {
+        for (uint64_t g = g0; g <= g1; g++)
+            h.mask |= (uint64_t)1 << (g % LOCK_STRIPES);
+    }
+    for (int i = 0; i < LOCK_STRIPES; i++)
+        if (h.mask >> i & 1)
+            pthread_mutex_lock(&d->stripes[i]);
+    return h;
+}
+
+static void
+unlock_range(DiskObject *d, Held h)
+{
+    for (int i = LOCK_STRIPES - 1; i >= 0; i--)
+        if (h.mask >> i & 1)
+            pthread_mutex_unlock(&d->stripes[i]);
+}
+
+/* Read whole sectors at `sector` into buf and decrypt them (zero-sector rule). */
+static int
+read_sectors(DiskObject *d, Crypt *c, unsigned char *buf, size_t n, uint64_t sector,
+             Status *st)
+{
+    if (pread_full(d->fd, buf, n, d->base + (int64_t)(sector * d->ss), st))
+        return -1;
+    return c != NULL ? decrypt_stored(c, buf, n, sector, st) : 0;
+}
+
+/* Encrypt whole sectors from plain (NULL: zeros) and write them, through the scratch. */
+static int
+write_sectors(DiskObject *d, Crypt *c, const unsigned char *plain, size_t n,
+              uint64_t sector, Status *st)
+{
+    int64_t pos = d->base + (int64_t)(sector * d->ss);
+    if (c == NULL) {
+        if (plain != NULL)
+            return pwrite_full(d->fd, plain, n, pos, st);
+        for (size_t off = 0; off < n; off += CHUNK_BYTES) {
+            size_t k = n - off < CHUNK_BYTES ? n - off : CHUNK_BYTES;
+            if (pwrite_full(d->fd, zero_chunk, k, pos + (int64_t)off, st))
+                return -1;
+        }
+        return 0;
+    }
+    unsigned char *scratch = thread_scratch();
+    if (scratch == NULL) {
+        st->kind = FAIL_NOMEM;
+        return -1;
+    }
+    for (size_t off = 0; off < n; off += CHUNK_BYTES) {
+        size_t k = n - off < CHUNK_BYTES ? n - off : CHUNK_BYTES;
+        const unsigned char *src = plain != NULL ? plain + off : zero_chunk;
+        if (crypt_sectors(c, src, scratch, k, sector + off / d->ss, 1, st)
+                || pwrite_full(d->fd, scratch, k, pos + (int64_t)off, st))
+            return -1;
+    }
+    return 0;
+}
+
+/* Read-modify-write part of one sector: data (NULL: zeros) at `within`. */
+static int
+modify_sector(DiskObject *d, Crypt *c, uint64_t sector, size_t within,
+              const unsigned char *data, size_t len, Status *st)
+{
+    unsigned char sec[MAX_SECTOR_BYTES];
+    int rc = read_sectors(d, c, sec, d->ss, sector, st);
+    if (rc == 0) {
+        if (data != NULL)
+            memcpy(sec + within, data, len);
+        else
+            memset(sec + within, 0, len);
+        rc = write_sectors(d, c, sec, d->ss, sector, st);
+    }
+    OPENSSL_cleanse(sec, sizeof sec);       /* plaintext of the disk */
+    return rc;
+}
+
+/* Split [offset, offset+count) into head partial / whole sectors / tail partial. */
+typedef struct {
+    uint64_t first, end;         /* sectors touched: [first, end) */
+    size_t head_len, tail_len;   /* bytes in partial head / tail sectors (0: none) */
+    size_t head_within;
+    uint64_t whole_first;        /* first whole sector */
+    size_t whole_bytes;
+} Pieces;
+
+static Pieces
+split(unsigned ss, uint64_t offset, uint64_t count)
+{
+    Pieces p;
+    p.first = offset / ss;
+    p.end = (offset + count + ss - 1) / ss;
+    p.head_within = (size_t)(offset % ss);
+    p.head_len = 0;
+    if (p.head_within || count < ss) {
+        uint64_t room = ss - p.head_within;
+        p.head_len = (size_t)(count < room ? count : room);
+    }
+    uint64_t rest = count - p.head_len;
+    p.whole_first = (offset + p.head_len) / ss;
+    p.whole_bytes = (size_t)(rest / ss * ss);
+    p.tail_len = (size_t)(rest - p.whole_bytes);
+    return p;
+}
+
+static PyObject *
+disk_check(DiskObject *self, long long offset, Py_ssize_t count, int write)
+{
+    if (write && self->read_only)
+        return raise_oserror(EROFS, PyUnicode_FromFormat("disk %U is served read-only",
+                                                         self->name));
+    if (offset < 0 || count < 0 || (int64_t)count > self->size - offset)
+        return raise_oserror(EINVAL, PyUnicode_FromFormat(
+            "request of %zd bytes at offset %lld is outside the %lld-byte disk",
+            count, offset, (long long)self->size));
+    Py_RETURN_NONE;
+}
+
+/* An offset or count from Python: out of the 64-bit range reads as -1 (refused by
+ * disk_check as outside the disk, EINVAL); not an int: TypeError. */
+static int
+as_int64(PyObject *obj, long long *out)
+{
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = overflow ? -1 : v;
+    return 0;
+}
+
+/* Enter a request: shared lock, closed check.  Called without the GIL. */
+static int
+disk_enter(DiskObject *d, Status *st)
+{
+    pthread_rwlock_rdlock(&d->lock);
+    if (d->closed) {
+        pthread_rwlock_unlock(&d->lock);
+        st->kind = FAIL_WIPED;
+        return -1;
+    }
+    if (d->xts != NULL) {
+        pthread_rwlock_rdlock(&d->xts->lock);
+        if (d->xts->wiped) {
+            pthread_rwlock_unlock(&d->xts->lock);
+            pthread_rwlock_unlock(&d->lock);
+            st->kind = FAIL_WIPED;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void
+disk_leave(DiskObject *d)
+{
+    if (d->xts != NULL)
+        pthread_rwlock_unlock(&d->xts->lock);
+    pthread_rwlock_unlock(&d->lock);
+}
+
+static void
+do_pread(DiskObject *d, unsigned char *buf, uint64_t offset, size_t count, Status *st)
+{
+    if (disk_enter(d, st))
+        return;
+    if (d->xts == NULL) {
+        pread_full(d->fd, buf, count, d->base + (int64_t)offset, st);
+        disk_leave(d);
+        return;
+    }
+    Crypt c = {d->xts, {NULL, NULL}};
+    unsigned ss = d->ss;
+    if (offset % ss == 0 && count % ss == 0) {         /* whole sectors: the common case */
+        read_sectors(d, &c, buf, count, offset / ss, st);
+    } else {
+        Pieces p = split(ss, offset, count);
+        unsigned char sec[MAX_SECTOR_BYTES];
+        size_t pos = 0;
+        if (p.head_len) {
+            if (read_sectors(d, &c, sec, ss, p.first, st) == 0)
+                memcpy(buf, sec + p.head_within, p.head_len);
+            pos = p.head_len;
+        }
+        if (st->kind == OK && p.whole_bytes)
+            read_sectors(d, &c, buf + pos, p.whole_bytes, p.whole_first, st);
+        pos += p.whole_bytes;
+        if (st->kind == OK && p.tail_len) {
+            if (read_sectors(d, &c, sec, ss, p.whole_first + p.whole_bytes / ss, st) == 0)
+                memcpy(buf + pos, sec, p.tail_len);
+        }
+        OPENSSL_cleanse(sec, sizeof sec);
+    }
+    crypt_done(&c);
+    disk_leave(d);
+}
+
+/* Deallocate [offset, offset+len) of the data area; zeros where the file system
+ * cannot punch holes (a stored zero sector reads as zeros either way). */
+static int
+punch(DiskObject *d, uint64_t offset, size_t len, Status *st)
+{
+    int64_t pos = d->base + (int64_t)offset;
+    if (fallocate(d->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)pos,
+                  (off_t)len) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != ENOSYS) {
+        st->kind = FAIL_ERRNO;
+        st->err = errno;
+        return -1;
+    }
+    for (size_t off = 0; off < len; off += CHUNK_BYTES) {
+        size_t k = len - off < CHUNK_BYTES ? len - off : CHUNK_BYTES;
+        if (pwrite_full(d->fd, zero_chunk, k, pos + (int64_t)off, st))
+            return -1;
+    }
+    return 0;
+}
+
+/* Write `data`, or zeros when data is NULL (deallocate: punch whole sectors, or the
+ * whole range on an unencrypted disk).  Encrypted: under the sector locks. */
+static void
+do_write(DiskObject *d, const unsigned char *data, uint64_t offset, size_t count,
+         int deallocate, Status *st)
+{
+    if (disk_enter(d, st))
+        return;
+    if (d->xts == NULL) {                    /* unencrypted: no read-modify-write, no locks */
+        if (data != NULL)
+            pwrite_full(d->fd, data, count, d->base + (int64_t)offset, st);
+        else if (deallocate)
+            punch(d, offset, count, st);
+        else
+            for (size_t off = 0; off < count && st->kind == OK; off += CHUNK_BYTES)
+                pwrite_full(d->fd, zero_chunk, count - off < CHUNK_BYTES ? count - off
+                            : CHUNK_BYTES, d->base + (int64_t)(offset + off), st);
+        disk_leave(d);
+        return;
+    }
+    unsigned ss = d->ss;
+    Crypt c = {d->xts, {NULL, NULL}};
+    Pieces p = split(ss, offset, count);
+    Held held = lock_range(d, p.first, p.end);
+    size_t pos = 0;
+    if (p.head_len) {
+        modify_sector(d, &c, p.first, p.head_within, data, p.head_len, st);
+        pos = p.head_len;
+    }
+    if (st->kind == OK && p.whole_bytes) {
+        if (data != NULL)
+            write_sectors(d, &c, data + pos, p.whole_bytes, p.whole_first, st);
+        else if (deallocate)                 /* zero-sector rule: holes read as zeros */
+            punch(d, p.whole_first * ss, p.whole_bytes, st);
+        else
+            write_sectors(d, &c, NULL, p.whole_bytes, p.whole_first, st);
+    }
+    pos += p.whole_bytes;
+    if (st->kind == OK && p.tail_len)
+        modify_sector(d, &c, p.whole_first + p.whole_bytes / ss, 0,
+                      data != NULL ? data + pos : NULL, p.tail_len, st);
+    unlock_range(d, held);
+    crypt_done(&c);
+    disk_leave(d);
+}
+
+static PyObject *
+Disk_pread(DiskObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    PyObject *offset_obj;
+    long long offset;
+    if (!PyArg_ParseTuple(args, "w*O", &buf, &offset_obj))
+        return NULL;
+    if (as_int64(offset_obj, &offset) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    PyObject *ok = disk_check(self, offset, buf.len, 0);
+    if (ok == NULL) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    Py_DECREF(ok);
+    Status st = {OK, 0, 0};
+    if (buf.len) {
+        Py_BEGIN_ALLOW_THREADS
+        do_pread(self, buf.buf, (uint64_t)offset, (size_t)buf.len, &st);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&buf);
+    return raise_status(&st, "the disk has been closed");
+}
+
+static PyObject *
+Disk_pwrite(DiskObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    PyObject *offset_obj;
+    long long offset;
+    if (!PyArg_ParseTuple(args, "y*O", &buf, &offset_obj))
+        return NULL;
+    if (as_int64(offset_obj, &offset) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    PyObject *ok = disk_check(self, offset, buf.len, 1);
+    if (ok == NULL) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    Py_DECREF(ok);
+    Status st = {OK, 0, 0};
+    if (buf.len) {
+        Py_BEGIN_ALLOW_THREADS
+        do_write(self, buf.buf, (uint64_t)offset, (size_t)buf.len, 0, &st);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&buf);
+    return raise_status(&st, "the disk has been closed");
+}
+
+static PyObject *
+Disk_zero(DiskObject *self, PyObject *args)
+{
+    PyObject *offset_obj, *count_obj;
+    long long offset, count;
+    int deallocate;
+    if (!PyArg_ParseTuple(args, "OOp", &offset_obj, &count_obj, &deallocate)
+            || as_int64(offset_obj, &offset) < 0 || as_int64(count_obj, &count) < 0)
+        return NULL;
+    if (count > PY_SSIZE_T_MAX)
+        count = -1;                          /* refused as outside the disk */
+    PyObject *ok = disk_check(self, offset, (Py_ssize_t)count, 1);
+    if (ok == NULL)
+        return NULL;
+    Py_DECREF(ok);
+    Status st = {OK, 0, 0};
+    if (count) {
+        Py_BEGIN_ALLOW_THREADS
+        do_write(self, NULL, (uint64_t)offset, (size_t)count, deallocate, &st);
+        Py_END_ALLOW_THREADS
+    }
+    return raise_status(&st, "the disk has been closed");
+}
+
+static PyObject *
+Disk_close(DiskObject *self, PyObject *Py_UNUSED(ignored))
+{
+    int fd = -1;
+    Py_BEGIN_ALLOW_THREADS                  /* waits for running requests */
+    pthread_rwlock_wrlock(&self->lock);
+    if (!self->closed) {
+        self->closed = 1;
+        fd = self->fd;
+        self->fd = -1;
+    }
+    pthread_rwlock_unlock(&self->lock);
+    Py_END_ALLOW_THREADS
+    if (fd >= 0)
+        close(fd);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Disk_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    DiskObject *self = (DiskObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->fd = -1;
+    self->closed = 1;
+    self->xts = NULL;
+    self->name = NULL;
+    init_rwlock(&self->lock);
+    for (int i = 0; i < LOCK_STRIPES; i++)
+        pthread_mutex_init(&self->stripes[i], NULL);
+    return (PyObject *)self;
+}
+
+static int
+Disk_init(DiskObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "data_offset", "size_bytes", "sector_size", "read_only",
+                             "xts", "name", NULL};
+    int fd, read_only;
+    long long base, size;
+    unsigned ss;
+    PyObject *xts, *name;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iLLIpOU", kwlist, &fd, &base, &size, &ss,
+                                     &read_only, &xts, &name))
+        return -1;
+    if (self->fd >= 0 || self->name != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Disk objects cannot be re-initialised");
+        return -1;
+    }
+    if (ss != 512 && ss != 4096) {
+        PyErr_Format(PyExc_ValueError, "sector size %u is not supported", ss);
+        return -1;
+    }
+    if (base < 0 || size < 0 || size % ss || size > INT64_MAX - base) {
+        PyErr_SetString(PyExc_ValueError, "bad data area");
+        return -1;
+    }
+    if (xts != Py_None) {
+        if (!PyObject_TypeCheck(xts, &XtsType)) {
+            PyErr_SetString(PyExc_TypeError, "xts must be an Xts or None");
+            return -1;
+        }
+        if (((XtsObject *)xts)->sector_size != ss) {
+            PyErr_SetString(PyExc_ValueError, "the cipher's sector size is not the disk's");
+            return -1;
+        }
+    }
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->fd = own;
+    self->base = base;
+    self->size = size;
+    self->ss = ss;
+    self->read_only = read_only;
+    if (xts != Py_None) {
+        Py_INCREF(xts);
+        self->xts = (XtsObject *)xts;
+    }
+    Py_INCREF(name);
+    self->name = name;
+    self->closed = 0;
+    return 0;
+}
+
+static void
+Disk_dealloc(DiskObject *self)
+{
+    if (self->fd >= 0)
+        close(self->fd);
+    Py_XDECREF(self->xts);
+    Py_XDECREF(self->name);
+    pthread_rwlock_destroy(&self->lock);
+    for (int i = 0; i < LOCK_STRIPES; i++)
+        pthread_mutex_destroy(&self->stripes[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Disk_methods[] = {
+    {"pread", (PyCFunction)Disk_pread, METH_VARARGS,
+     "pread(buf, offset): fill the writable buf with the plaintext at offset."},
+    {"pwrite", (PyCFunction)Disk_pwrite, METH_VARARGS,
+     "pwrite(buf, offset): write buf at offset (read-modify-write of partial sectors)."},
+    {"zero", (PyCFunction)Disk_zero, METH_VARARGS,
+     "zero(offset, count, deallocate): make the range read as zeros."},
+    {"close", (PyCFunction)Disk_close, METH_NOARGS,
+     "Wait for running requests, then close the descriptor (idempotent)."},
+    {NULL}
+};
+
+PyTypeObject DiskType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "blockcrypt.crypto._datapath.Disk",
+    .tp_basicsize = sizeof(DiskObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Disk(fd, data_offset, size_bytes, sector_size, read_only, xts, name):\n"
+              "whole NBD requests on a container file, GIL released.",
+    .tp_new = Disk_new,
+    .tp_init = (initproc)Disk_init,
+    .tp_dealloc = (destructor)Disk_dealloc,
+    .tp_methods = Disk_methods,
+};
