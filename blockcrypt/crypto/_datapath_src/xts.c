@@ -230,8 +230,9 @@ Xts_crypt(XtsObject *self, PyObject *args)
     } else if (s != d && s < d + dst.len && d < s + src.len) {
         PyErr_SetString(PyExc_ValueError, "source and destination overlap without being "
                         "the same buffer");
-    } else if (src.len && (uint64_t)(src.len / self->sector_size - 1) >
-               (UINT64_MAX / self->tweak_step) - sector) {
+    } else if (src.len && (sector > UINT64_MAX / self->tweak_step
+                           || (uint64_t)(src.len / self->sector_size - 1) >
+                              UINT64_MAX / self->tweak_step - sector)) {
         PyErr_SetString(PyExc_ValueError, "sector beyond the 64-bit plain64 tweak range");
     } else {
         Status st = {OK, 0, 0};

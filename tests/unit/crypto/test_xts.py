@@ -554,6 +554,9 @@ def test_compiled_module_checks_its_own_arguments():
         x.crypt(bytes(4096), bytes(4096), 0, True)               # read-only destination
     with pytest.raises(ValueError, match="64-bit"):
         x.crypt(bytes(8192), bytearray(8192), 2**61 - 1, True)
+    for beyond in (2**61, 2**63, 2**64 - 1):                  # tweak 8*i would wrap
+        with pytest.raises(ValueError, match="64-bit"):
+            x.crypt(bytes(4096), bytearray(4096), beyond, True)
     with pytest.raises(OverflowError):
         x.crypt(bytes(4096), bytearray(4096), -1, True)
     x.crypt(bytes(4096), bytearray(4096), 2**61 - 1, True)      # the very last sector

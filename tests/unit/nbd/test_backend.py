@@ -627,3 +627,28 @@ def test_scratch_buffers_are_reused_not_made_per_request(tmp_path, sector_size):
         assert 1 <= len(pool._idle_scratch) <= backend.MAX_IDLE_SCRATCH
         assert read_all(b) == expect
     assert pool._idle_scratch == []                              # close() unmapped them
+
+
+@pytest.mark.parametrize("sector_size,sector_no", [(512, 2**32 + 5), (512, 2**32 - 1),
+                                                   (4096, 2**29 + 3)])
+def test_tweaks_above_2_32_on_a_large_sparse_disk(tmp_path, sector_size, sector_no):
+    """A 3 TiB sparse disk: sectors whose plain64 tweak (sector * ss/512) is at or
+    above 2^32 are stored as XTS under that full 64-bit tweak (pyca decrypts the
+    file's bytes), read back right, and partial writes there read-modify-write."""
+    path = tmp_path / "big.bcd"
+    header, dk = make_container(path, 3 << 40, sector_size, True)
+    data = os.urandom(3 * sector_size)
+    offset = sector_no * sector_size
+    with open_backend(path, dk) as b:
+        b.pwrite(data, offset, fua=False)
+        assert read_all(b, len(data), offset) == data
+        b.pwrite(b"patch", offset + sector_size + 100, fua=False)   # read-modify-write
+        expect = bytearray(data)
+        expect[sector_size + 100:sector_size + 105] = b"patch"
+        assert read_all(b, len(data) + 10, offset - 5) == bytes(5) + expect + bytes(5)
+    raw = stored(path, header, offset, len(data))
+    for i in range(3):
+        piece = slice(i * sector_size, (i + 1) * sector_size)
+        assert pyca_xts(dk, sector_size, sector_no + i, raw[piece], encrypt=False) \
+            == expect[piece]
+    assert (sector_no + 2) * (sector_size // 512) >= 2**32 - 1
