@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 
 from blockcrypt import errors
 from blockcrypt.constants import SECTOR_SIZES
-from blockcrypt.crypto import xts
-from blockcrypt.crypto import compiled
+from blockcrypt.crypto import compiled, xts
 from blockcrypt.crypto.compiled import datapath
 from blockcrypt.crypto.secret import Secret
 
