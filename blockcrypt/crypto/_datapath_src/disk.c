@@ -22,7 +22,6 @@ typedef struct {
     pthread_mutex_t stripes[LOCK_STRIPES];
 } DiskObject;
 
-
 static unsigned char *
 thread_scratch(void)
 {
@@ -83,7 +82,24 @@ pwrite_full(int fd, const unsigned char *buf, size_t n, int64_t off, Status *st)
             st->err = errno;
             return -1;
         }
+        if (r == 0) {                        /* cannot happen on a regular file */
+            st->kind = FAIL_ERRNO;
+            st->err = EIO;
+            return -1;
+        }
         done += (size_t)r;
+    }
+    return 0;
+}
+
+/* Store zero bytes over [pos, pos+n) of the file (allocated, not a hole). */
+static int
+write_zero_bytes(DiskObject *d, int64_t pos, size_t n, Status *st)
+{
+    for (size_t off = 0; off < n; off += CHUNK_BYTES) {
+        size_t k = n - off < CHUNK_BYTES ? n - off : CHUNK_BYTES;
+        if (pwrite_full(d->fd, zero_chunk, k, pos + (int64_t)off, st))
+            return -1;
     }
     return 0;
 }
@@ -132,16 +148,6 @@ write_sectors(DiskObject *d, Crypt *c, const unsigned char *plain, size_t n,
               uint64_t sector, Status *st)
 {
     int64_t pos = d->base + (int64_t)(sector * d->ss);
-    if (c == NULL) {
-        if (plain != NULL)
-            return pwrite_full(d->fd, plain, n, pos, st);
-        for (size_t off = 0; off < n; off += CHUNK_BYTES) {
-            size_t k = n - off < CHUNK_BYTES ? n - off : CHUNK_BYTES;
-            if (pwrite_full(d->fd, zero_chunk, k, pos + (int64_t)off, st))
-                return -1;
-        }
-        return 0;
-    }
     unsigned char *scratch = thread_scratch();
     if (scratch == NULL) {
         st->kind = FAIL_NOMEM;
@@ -309,12 +315,7 @@ punch(DiskObject *d, uint64_t offset, size_t len, Status *st)
         st->err = errno;
         return -1;
     }
-    for (size_t off = 0; off < len; off += CHUNK_BYTES) {
-        size_t k = len - off < CHUNK_BYTES ? len - off : CHUNK_BYTES;
-        if (pwrite_full(d->fd, zero_chunk, k, pos + (int64_t)off, st))
-            return -1;
-    }
-    return 0;
+    return write_zero_bytes(d, pos, len, st);
 }
 
 /* Write `data`, or zeros when data is NULL (deallocate: punch whole sectors, or the
@@ -331,9 +332,7 @@ do_write(DiskObject *d, const unsigned char *data, uint64_t offset, size_t count
         else if (deallocate)
             punch(d, offset, count, st);
         else
-            for (size_t off = 0; off < count && st->kind == OK; off += CHUNK_BYTES)
-                pwrite_full(d->fd, zero_chunk, count - off < CHUNK_BYTES ? count - off
-                            : CHUNK_BYTES, d->base + (int64_t)(offset + off), st);
+            write_zero_bytes(d, d->base + (int64_t)offset, count, st);
         disk_leave(d);
         return;
     }
