@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side throughput benchmark: blockcrypt against the C LUKS servers (issue 13).
 
-    .venv/bin/python scripts/bench.py [--size 1G] [--reps 3] [--workdir DIR] [--json F] [--plot F.png]
+    .venv/bin/python scripts/bench.py [--size 1G] [--reps 3] [--workdir DIR]
+                                      [--json F] [--plot F.png]
     .venv/bin/python scripts/bench.py --quick          # 64 MiB, 1 repetition (CI smoke)
     make bench BENCH_ARGS="--json bench.json --plot bench.png"
 
