@@ -1,8 +1,8 @@
 /*
  * Shared declarations of the compiled data path (blockcrypt.crypto._datapath):
- * xts.c (the Xts type: the key in locked memory, EVP per request), disk.c (the
- * Disk type: whole NBD requests on a container file) and module.c (errors,
- * thread-state pinning, module init).  See module.c for the overview.
+ * xts.c (the Xts type: the key in locked memory, EVP per request), disk.c and
+ * disk_type.c (whole NBD requests on a container file, and the Disk type) and
+ * module.c (errors, thread-state pinning, module init).  See module.c for the overview.
  */
 #ifndef BLOCKCRYPT_DATAPATH_H
 #define BLOCKCRYPT_DATAPATH_H
@@ -91,5 +91,23 @@ int crypt_sectors(Crypt *c, const unsigned char *src, unsigned char *dst, size_t
                   uint64_t sector, int encrypt, Status *st);
 int decrypt_stored(Crypt *c, unsigned char *buf, size_t n, uint64_t sector, Status *st);
 void scratch_destroy(void *p);
+
+typedef struct {
+    PyObject_HEAD
+    int fd;                      /* our own dup of the volume's descriptor */
+    int64_t base;                /* file offset of sector 0 */
+    int64_t size;                /* bytes in the data area */
+    unsigned ss;
+    int read_only;
+    XtsObject *xts;              /* NULL: unencrypted */
+    PyObject *name;              /* for messages */
+    int closed;
+    pthread_rwlock_t lock;       /* requests shared, close() exclusive */
+    pthread_mutex_t stripes[LOCK_STRIPES];
+} DiskObject;
+
+void do_pread(DiskObject *d, unsigned char *buf, uint64_t offset, size_t count, Status *st);
+void do_write(DiskObject *d, const unsigned char *data, uint64_t offset, size_t count,
+              int deallocate, Status *st);
 
 #endif

@@ -21,8 +21,9 @@
  *
  * Plus the thread-state pinning the nbdkit plugin uses (documented C API only).
  *
- * Sources: xts.c (Xts), disk.c (Disk), this file (errors, thread states, init),
- * datapath.h (what they share).
+ * Sources: xts.c (Xts), disk.c (a request, without the GIL), disk_type.c (the
+ * Disk type), this file (errors, thread states, init), datapath.h (what they
+ * share).
  *
  * Layout rules (docs/FORMAT.md): sector i of the disk is at file offset
  * data_offset + i * sector_size; its XTS tweak is i * (sector_size / 512) as a
