@@ -1,4 +1,5 @@
-"""nbdkit's memory stays bounded however much data moves through the plugin.
+"""nbdkit's memory stays bounded however much data moves through the plugin,
+and the data key lives only in locked, dontdump memory between requests.
 
 Regression: nbdkit's Python plugin runs every callback in a fresh Python
 thread state, so the cipher's per-thread contexts and scratch buffers (kept in
@@ -9,7 +10,8 @@ target is RSS <= 150 MiB under load, independent of the disk size.
 
 This is a memory bound, not a speed threshold: the process's peak RSS
 (VmHWM) after moving 4x the disk size must stay close to its peak after the
-first pass (pools of contexts and buffers filled), and under the target.
+first pass (per-thread scratch buffers of the compiled path filled), and under
+the target.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def vm_kib(pid: int, field: str) -> int:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("sector_size,request_bytes", [
-    (512, 256 * KiB),     # the bulk path with its mask scratch (leaked ~0.8 MiB/request)
+    (512, 256 * KiB),     # large requests (the old numpy bulk path leaked ~0.8 MiB each)
     (4096, 4 * KiB),      # many small requests (leaked EVP contexts, ~2 KiB/request)
 ])
 def test_rss_stays_bounded_while_data_moves(tmp_path, sector_size, request_bytes):

@@ -213,7 +213,7 @@ def test_zero_sector_rule(tmp_path, sector_size):
 def test_zero_sector_rule_looks_past_a_zero_head(tmp_path, sector_size):
     """Reads test only the first bytes of each stored sector for speed; a stored
     sector that starts with zero bytes but is not all zero must still be
-    decrypted, in single-sector reads and in short and long (numpy) multi-sector
+    decrypted, in single-sector reads and in short and long multi-sector
     reads, next to holes and ordinary ciphertext."""
     ss = sector_size
     n_sectors = 160                           # longer than the short-read fast test
@@ -723,3 +723,18 @@ def test_close_waits_for_running_requests(tmp_path, engine):
     for th in threads:
         th.join()
     assert "WRONG" not in outcomes and outcomes.count("closed") <= 4
+
+
+def test_the_compiled_path_is_one_c_call_per_request(tmp_path, engine):
+    """With the compiled path, pread_into IS the extension's Disk.pread (no
+    Python frame between the plugin and C), and writes and zeroes go to the
+    same Disk; the reference path has no Disk."""
+    path = tmp_path / "p.bcd"
+    _, dk = make_container(path, 1 * MiB, 4096, True)
+    with open_backend(path, dk) as b:
+        if engine == "compiled":
+            assert type(b.pread_into).__name__ == "builtin_function_or_method"
+            assert b.pread_into.__self__ is b._disk
+            assert b._write.__self__ is b._disk and b._zero.__self__ is b._disk
+        else:
+            assert b._disk is None
