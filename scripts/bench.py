@@ -657,41 +657,49 @@ def plot(result: dict, path: Path) -> None:
 
     rat = result["ratios"]
     workloads = [(w, label) for w, label, _ in WORKLOADS if w in THROUGHPUT]
-    # (reference, servers shown, target lines: (y, label))
-    panels = [(peer, BLOCKCRYPT_SERVERS,
-               ((2.0, "4096 seq write target"), (1.5, "4096 seq read"), (1.2, "4096 rand read"),
-                (1.0, "4096 rand write, 512 all")))
-              for peer in RATIO_PEERS[:1]]
-    panels += [(peer, BLOCKCRYPT_SERVERS, ((1.0, ""),)) for peer in RATIO_PEERS[1:]]
-    panels.append(("blockcrypt-plain", BLOCKCRYPT_SERVERS[:2], ((PLAIN_TARGET, "target"),)))
-    panels = [(ref, [bc for bc in shown if ref in rat.get(bc, {})], lines)
-              for ref, shown, lines in panels]
+    # (reference, servers shown, target marks: (server, {workload: ratio}))
+    luks = dict(LUKS_TARGETS)
+    panels = [(RATIO_PEERS[0], BLOCKCRYPT_SERVERS,
+               [(bc, luks[bc]) for bc in ("blockcrypt-xts-4096", "blockcrypt-xts-512")])]
+    panels += [(peer, BLOCKCRYPT_SERVERS, []) for peer in RATIO_PEERS[1:]]
+    panels.append(("blockcrypt-plain", BLOCKCRYPT_SERVERS[:2],
+                   [(bc, {w: PLAIN_TARGET for w, _ in workloads})
+                    for bc in BLOCKCRYPT_SERVERS[:2]]))
+    panels = [(ref, [bc for bc in shown if ref in rat.get(bc, {})], marks)
+              for ref, shown, marks in panels]
     panels = [p for p in panels if p[1]]
     if not panels:
         raise BenchError("nothing to plot: the ratios need blockcrypt and reference servers")
     colours = dict(zip(BLOCKCRYPT_SERVERS, ("tab:blue", "tab:orange", "tab:green")))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
     axes = axes[0]
-    for ax, (ref, bcs, lines) in zip(axes, panels):
+    for ax, (ref, bcs, marks) in zip(axes, panels):
         width = 0.8 / len(bcs)
+        where = {}
         for i, bc in enumerate(bcs):
             values = [rat[bc][ref][w] for w, _ in workloads]
             xs = [j + (i - (len(bcs) - 1) / 2) * width for j in range(len(workloads))]
+            where[bc] = dict(zip((w for w, _ in workloads), xs))
             bars = ax.bar(xs, values, width, label=bc, color=colours[bc])
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        for y, text in lines:
-            ax.axhline(y, color="black", linewidth=0.8, linestyle="--" if y == 1.0 else ":")
-            if text:
-                ax.annotate(text, (len(workloads) - 0.5, y), xytext=(0, 2),
-                            textcoords="offset points", ha="right", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.6, linestyle="--")
+        labelled = False
+        for bc, wanted in marks:           # each target as a black tick across its bar
+            for w, y in wanted.items():
+                if bc in where:
+                    x = where[bc][w]
+                    ax.hlines(y, x - width / 2, x + width / 2, colors="black", linewidth=2,
+                              label=None if labelled else "target")
+                    labelled = True
         ax.set_xticks(range(len(workloads)), [label for _, label in workloads], fontsize=8)
         ax.set_title(f"blockcrypt / {ref}", fontsize=10)
         ax.set_ylabel("ratio (higher is better)")
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     cfg = result["config"]
     fig.suptitle(f"blockcrypt vs C LUKS servers, {cfg['size_bytes'] / MiB:,.0f} MiB, "
-                 f"median of {cfg['repetitions']}", fontsize=10)
+                 f"median of {cfg['repetitions']}, on {cfg['workdir_filesystem']}",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
