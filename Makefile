@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PYTEST  := $(PY) -m pytest
 LINK    := $(or $(BLOCKCRYPT_LINK),/usr/local/bin/blockcrypt)
 
-.PHONY: install test test-quick demo bench fuzz stress guest clean
+.PHONY: install test test-quick test-sanitize demo bench fuzz stress guest clean
 
 # Debian packages, .venv, and (as root) the link /usr/local/bin/blockcrypt -> .venv/bin/blockcrypt.
 install:
@@ -15,6 +15,11 @@ test: install
 # Unit and property tests only (no root, no devices).
 test-quick: install
 	$(PYTEST) -q -m "not e2e" $(PYTEST_ARGS)
+
+# The compiled data path under AddressSanitizer + UBSan, then valgrind memcheck
+# (also run by tests/e2e/test_nbd_sanitizers.py, so `make test` covers it).
+test-sanitize: install
+	scripts/test-sanitize.sh $(SANITIZE)
 
 demo: install
 	$(PY) scripts/demo.py

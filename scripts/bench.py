@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Side-by-side throughput benchmark: blockcrypt against the C LUKS servers (issue 7).
+"""Side-by-side throughput benchmark: blockcrypt against the C LUKS servers (issue 13).
 
-    .venv/bin/python scripts/bench.py [--size 1G] [--reps 3] [--json F] [--plot F.png]
+    .venv/bin/python scripts/bench.py [--size 1G] [--reps 3] [--workdir DIR]
+                                      [--json F] [--plot F.png]
     .venv/bin/python scripts/bench.py --quick          # 64 MiB, 1 repetition (CI smoke)
     make bench BENCH_ARGS="--json bench.json --plot bench.png"
 
@@ -26,11 +27,18 @@ plus the cipher alone (blockcrypt.crypto.xts.XtsCipher.encrypt_into / decrypt_in
 thread, requests of 4 KiB to 32 MiB, both sector sizes) next to
 `openssl speed -evp aes-256-xts`.
 
+Images live on the file system that holds the blockcrypt home ($BLOCKCRYPT_HOME,
+/var/lib/blockcrypt as root, else ~/.local/share/blockcrypt), where users keep
+their disks: tmpfs flatters every server.  --workdir DIR measures elsewhere.  The
+file system measured (type and mount point) is printed and kept in the JSON.
+
 Every repetition starts each server once on a fresh, empty image, in turn, so
 drift on a noisy machine hits all servers alike; the medians are reported (the
 peak RSS is the maximum).  MB/s are 10^6 bytes per second.  The targets of
-issue 7 are printed with PASS/MISS.  Nothing here is a pass/fail test: CI runs
-only `--quick` to check that the benchmark works.
+issue 13 are printed with PASS/MISS, each beside its ceilings: what nbdkit-file
+(the transport alone, no crypto) reaches against the same reference, and
+`openssl speed -evp aes-256-xts` for the cipher.  Nothing here is a pass/fail
+test: CI runs only `--quick` to check that the benchmark works.
 
 The blockcrypt homes made here use BLOCKCRYPT_TESTONLY_WEAK_KDF=1 so that
 `init` and unlocking take milliseconds; the KDF runs only when the data key is
@@ -518,36 +526,49 @@ def ratios(summary: dict) -> dict:
     return out
 
 
+# Issue 13's targets, against nbdkit-luks in the same run: (server, {workload: ratio}).
+LUKS_TARGETS = (
+    ("blockcrypt-xts-4096", {"seq_write_MBps": 2.0, "seq_read_MBps": 1.5,
+                             "randread_4k_iops": 1.2, "randwrite_4k_iops": 1.0}),
+    ("blockcrypt-xts-512", {w: 1.0 for w in THROUGHPUT}),
+)
+PLAIN_TARGET = 0.8          # encrypted >= 0.8x blockcrypt unencrypted, every workload
+
+
 def targets(summary: dict) -> list[dict]:
-    """Issue 7's targets, each with the measured ratio (or MiB) and PASS/MISS."""
+    """Issue 13's targets, each with the measured ratio (or MiB), PASS/MISS, and
+    the transport's ceiling: nbdkit-file against the same reference."""
     rows = []
+    labels = {w: label for w, label, _ in WORKLOADS}
 
     def add(text, server, workload, ref, threshold):
         if server not in summary or ref not in summary:
             return
         value = summary[server][workload] / summary[ref][workload]
+        ceiling = (summary["nbdkit-file"][workload] / summary[ref][workload]
+                   if "nbdkit-file" in summary else None)
         rows.append({"target": text, "server": server, "workload": workload,
                      "reference": ref, "threshold": threshold, "measured": value,
+                     "ceiling_nbdkit_file": ceiling,
                      "unit": "x", "status": "PASS" if value >= threshold else "MISS"})
 
-    for w, label in (("seq_write_MBps", "seq write"), ("seq_read_MBps", "seq read")):
-        add(f"{label}, encrypted 4096 >= 1.0x nbdkit-luks", "blockcrypt-xts-4096", w,
-            "nbdkit-luks", 1.0)
-    for w, label in (("seq_write_MBps", "seq write"), ("seq_read_MBps", "seq read")):
-        add(f"{label}, encrypted 512 >= 0.7x nbdkit-luks", "blockcrypt-xts-512", w,
-            "nbdkit-luks", 0.7)
+    for server, wanted in LUKS_TARGETS:
+        ss = server.rsplit("-", 1)[1]
+        for w, threshold in wanted.items():
+            add(f"{labels[w]}, encrypted {ss} >= {threshold:.1f}x nbdkit-luks", server, w,
+                "nbdkit-luks", threshold)
     for bc in ("blockcrypt-xts-4096", "blockcrypt-xts-512"):
         ss = bc.rsplit("-", 1)[1]
-        for w, label in (("randread_4k_iops", "4K rand read"),
-                         ("randwrite_4k_iops", "4K rand write")):
-            add(f"{label}, encrypted {ss} >= 0.85x blockcrypt-plain", bc, w,
-                "blockcrypt-plain", 0.85)
+        for w in THROUGHPUT:
+            add(f"{labels[w]}, encrypted {ss} >= {PLAIN_TARGET}x blockcrypt-plain", bc, w,
+                "blockcrypt-plain", PLAIN_TARGET)
     for bc in BLOCKCRYPT_SERVERS:
         if bc in summary:
             rss = summary[bc]["peak_rss_MiB"]
             rows.append({"target": f"peak RSS of nbdkit, {bc} <= {RSS_TARGET_MiB} MiB",
                          "server": bc, "workload": "peak_rss_MiB", "reference": None,
                          "threshold": RSS_TARGET_MiB, "measured": rss, "unit": "MiB",
+                         "ceiling_nbdkit_file": None,
                          "status": "PASS" if rss <= RSS_TARGET_MiB else "MISS"})
     return rows
 
@@ -572,6 +593,9 @@ def report_text(result: dict) -> str:
     short = {s: s.replace("blockcrypt-", "bc-") for s in servers}
     out = []
     cfg = result["config"]
+    out.append(f"\nMeasured on {cfg['workdir_filesystem']}"
+               + (f", the file system of the blockcrypt home {cfg['home']}"
+                  if cfg.get("home") else "") + ".")
     out.append(f"\nServers (median of {cfg['repetitions']} alternating repetition(s), "
                f"{cfg['size_bytes'] / MiB:,.0f} MiB each, peak RSS = max):")
     out.append(table(["workload"] + [short[s] for s in servers],
@@ -600,10 +624,21 @@ def report_text(result: dict) -> str:
     out.append("openssl speed -evp aes-256-xts (one data unit per call, one core): "
                + ", ".join(f"{size_label(int(n))} {fmt_num(v)} MB/s" for n, v in ossl.items()))
     if result["targets"]:
-        out.append("\nTargets (issue 7):")
-        out.append(table(["target", "measured", "result"],
+        out.append(f"\nTargets (issue 13), measured on {cfg['workdir_filesystem']}; ceiling = "
+                   "nbdkit-file (no crypto) against the same reference:")
+        out.append(table(["target", "measured", "result", "ceiling"],
                          [[t["target"], f"{t['measured']:.2f}{'x' if t['unit'] == 'x' else ' MiB'}",
-                           t["status"]] for t in result["targets"]]))
+                           t["status"],
+                           "-" if t["ceiling_nbdkit_file"] is None
+                           else f"{t['ceiling_nbdkit_file']:.2f}x"]
+                          for t in result["targets"]]))
+        passed = sum(t["status"] == "PASS" for t in result["targets"])
+        out.append(f"{passed} of {len(result['targets'])} targets met.")
+        cipher_4k = c.get(f"encrypt_into/4096/{4 * KiB}", {}).get("median_MBps")
+        if cipher_4k and "4096" in ossl:
+            out.append(f"Cipher ceiling: XtsCipher encrypts 4 KiB requests at "
+                       f"{fmt_num(cipher_4k)} MB/s, {cipher_4k / ossl['4096']:.2f}x "
+                       f"`openssl speed -evp aes-256-xts` at 4 KiB ({fmt_num(ossl['4096'])} MB/s)")
     out.append(f"\nblockcrypt servers started with: {cfg['blockcrypt_launch']}. "
                "BLOCKCRYPT_TESTONLY_WEAK_KDF=1 was set for the throwaway homes: it only "
                "shortens init/unlock, not the data path.")
@@ -622,39 +657,49 @@ def plot(result: dict, path: Path) -> None:
 
     rat = result["ratios"]
     workloads = [(w, label) for w, label, _ in WORKLOADS if w in THROUGHPUT]
-    # (reference, servers shown, target lines: (y, label))
-    panels = [(peer, BLOCKCRYPT_SERVERS, ((1.0, "4096 target"), (0.7, "512 target")))
-              for peer in RATIO_PEERS[:1]]
-    panels += [(peer, BLOCKCRYPT_SERVERS, ((1.0, ""),)) for peer in RATIO_PEERS[1:]]
-    panels.append(("blockcrypt-plain", BLOCKCRYPT_SERVERS[:2], ((0.85, "random I/O target"),)))
-    panels = [(ref, [bc for bc in shown if ref in rat.get(bc, {})], lines)
-              for ref, shown, lines in panels]
+    # (reference, servers shown, target marks: (server, {workload: ratio}))
+    luks = dict(LUKS_TARGETS)
+    panels = [(RATIO_PEERS[0], BLOCKCRYPT_SERVERS,
+               [(bc, luks[bc]) for bc in ("blockcrypt-xts-4096", "blockcrypt-xts-512")])]
+    panels += [(peer, BLOCKCRYPT_SERVERS, []) for peer in RATIO_PEERS[1:]]
+    panels.append(("blockcrypt-plain", BLOCKCRYPT_SERVERS[:2],
+                   [(bc, {w: PLAIN_TARGET for w, _ in workloads})
+                    for bc in BLOCKCRYPT_SERVERS[:2]]))
+    panels = [(ref, [bc for bc in shown if ref in rat.get(bc, {})], marks)
+              for ref, shown, marks in panels]
     panels = [p for p in panels if p[1]]
     if not panels:
         raise BenchError("nothing to plot: the ratios need blockcrypt and reference servers")
     colours = dict(zip(BLOCKCRYPT_SERVERS, ("tab:blue", "tab:orange", "tab:green")))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
     axes = axes[0]
-    for ax, (ref, bcs, lines) in zip(axes, panels):
+    for ax, (ref, bcs, marks) in zip(axes, panels):
         width = 0.8 / len(bcs)
+        where = {}
         for i, bc in enumerate(bcs):
             values = [rat[bc][ref][w] for w, _ in workloads]
             xs = [j + (i - (len(bcs) - 1) / 2) * width for j in range(len(workloads))]
+            where[bc] = dict(zip((w for w, _ in workloads), xs))
             bars = ax.bar(xs, values, width, label=bc, color=colours[bc])
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        for y, text in lines:
-            ax.axhline(y, color="black", linewidth=0.8, linestyle="--" if y == 1.0 else ":")
-            if text:
-                ax.annotate(text, (len(workloads) - 0.5, y), xytext=(0, 2),
-                            textcoords="offset points", ha="right", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.6, linestyle="--")
+        labelled = False
+        for bc, wanted in marks:           # each target as a black tick across its bar
+            for w, y in wanted.items():
+                if bc in where:
+                    x = where[bc][w]
+                    ax.hlines(y, x - width / 2, x + width / 2, colors="black", linewidth=2,
+                              label=None if labelled else "target")
+                    labelled = True
         ax.set_xticks(range(len(workloads)), [label for _, label in workloads], fontsize=8)
         ax.set_title(f"blockcrypt / {ref}", fontsize=10)
         ax.set_ylabel("ratio (higher is better)")
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     cfg = result["config"]
     fig.suptitle(f"blockcrypt vs C LUKS servers, {cfg['size_bytes'] / MiB:,.0f} MiB, "
-                 f"median of {cfg['repetitions']}", fontsize=10)
+                 f"median of {cfg['repetitions']}, on {cfg['workdir_filesystem']}",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -698,9 +743,11 @@ def machine_info() -> dict:
     }
     try:
         import cryptography
-        import numpy
         info["cryptography"] = cryptography.__version__
-        info["numpy"] = numpy.__version__
+        from blockcrypt.crypto.compiled import datapath
+        dp = datapath()
+        info["data_path"] = (f"compiled ({dp.OPENSSL_VERSION})" if dp is not None
+                             else "pure Python (the extension did not load)")
     except ImportError:
         pass
     cp = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True)
@@ -721,14 +768,22 @@ def parse_size(text: str) -> int:
     return n
 
 
-def default_workdir_parent(size_bytes: int) -> Path:
-    """tmpfs (/dev/shm) when it has room: measure the servers, not the disk."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        st = os.statvfs(shm)
-        if st.f_bavail * st.f_frsize > 2.5 * size_bytes + 256 * MiB:
-            return shm
-    return Path(tempfile.gettempdir())
+def blockcrypt_home() -> Path:
+    """The blockcrypt home as the CLI resolves it ($BLOCKCRYPT_HOME, then the defaults)."""
+    from blockcrypt.storage.home import default_home
+    return default_home()
+
+
+def default_workdir_parent() -> Path:
+    """The nearest existing directory at or above the blockcrypt home's parent: the
+    file system users keep their disks on (the home itself is left untouched)."""
+    p = blockcrypt_home().parent
+    while not p.is_dir():
+        p = p.parent
+    if not os.access(p, os.W_OK):
+        raise BenchError(f"cannot write in {p} (the file system of the blockcrypt home); "
+                         "pass --workdir DIR")
+    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -745,7 +800,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--servers", default=",".join(SERVERS),
                    help=f"comma-separated subset of: {', '.join(SERVERS)}")
     p.add_argument("--workdir", type=Path, default=None,
-                   help="where images live (default: /dev/shm if it has room, else $TMPDIR)")
+                   help="where images live (default: beside the blockcrypt home, on its "
+                        "file system)")
     p.add_argument("--json", type=Path, default=None, help="write all results as JSON")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart of the ratios")
     args = p.parse_args(argv)
@@ -778,7 +834,7 @@ def _raise_interrupt(signum, frame):
 def run(args: argparse.Namespace) -> dict:
     check_tools()
     procs = ProcessTable()
-    parent = args.workdir or default_workdir_parent(args.size)
+    parent = args.workdir or default_workdir_parent()
     workdir = Path(tempfile.mkdtemp(prefix="blockcrypt-bench-", dir=parent))
     workdir.chmod(0o700)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -826,6 +882,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"size_bytes": args.size, "repetitions": args.reps,
                    "fio_runtime_s": args.fio_runtime, "quick": args.quick,
                    "workdir_filesystem": filesystem_of(workdir),
+                   "home": None if args.workdir else str(blockcrypt_home()),
                    "blockcrypt_launch": launch, "weak_kdf_note":
                        "BLOCKCRYPT_TESTONLY_WEAK_KDF=1 for the throwaway homes: only "
                        "init/unlock are faster; the data path does not use the KDF",

@@ -11,12 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # nbdkit's Python plugin embeds /usr/bin/python3, so the venv must be built from
-# that interpreter (see ../shared/ENVIRONMENT.md).
+# that interpreter (see ../shared/ENVIRONMENT.md).  gcc, python3-dev and libssl-dev
+# build the compiled data path (blockcrypt/crypto/_datapath_src/) at `pip install`;
+# valgrind checks it (make test-sanitize).
 APT_PACKAGES=(
   nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client
   fuse3 e2fsprogs python3-venv util-linux kmod rsync cryptsetup-bin
   openssl fio qemu-utils qemu-system-x86 busybox-static xfsprogs
   softhsm2 systemd
+  gcc python3-dev libssl-dev valgrind
 )
 APT_PACKAGES+=(${BLOCKCRYPT_EXTRA_APT:-})
 
@@ -38,7 +41,9 @@ fi
 [[ ${1:-} == --apt-only ]] && exit 0
 
 VENV=.venv
-stamp=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+# The stamp covers the C sources too: an editable install compiles them once, so
+# a changed extension is rebuilt by the next `make install`.
+stamp=$VENV/.installed-$(cat pyproject.toml blockcrypt/crypto/_datapath_src/* | sha256sum | cut -c1-16)
 if [[ ! -f $stamp ]]; then
   if [[ ! -x $VENV/bin/python ]] || [[ $(readlink -f $VENV/bin/python) != $(readlink -f /usr/bin/python3) ]]; then
     rm -rf "$VENV"

@@ -4,9 +4,10 @@ Python gives no reliable way to wipe memory (see pyca/cryptography's
 limitations): immutable ``bytes`` copies may be made by libraries we call.  This
 type does what can be done: it keeps the secret in one mutable ``bytearray``,
 locks those pages in memory with ``mlock`` where the system allows (so they are
-not swapped out), redacts itself in ``repr``/``str`` (so a traceback or a log
-line never shows it), and overwrites the buffer on :meth:`wipe` (also at exit of
-a ``with`` block and on garbage collection).
+not swapped out) and marks them ``MADV_DONTDUMP`` (left out of core dumps),
+redacts itself in ``repr``/``str`` (so a traceback or a log line never shows
+it), and overwrites the buffer on :meth:`wipe` (also at exit of a ``with``
+block and on garbage collection).
 
 Pass ``secret.view()`` (a memoryview over the buffer) to primitives that accept
 bytes-like objects, so no extra immutable copy is made on our side.
@@ -26,6 +27,7 @@ from ..system.libc import libc
 # however many secrets share it.  So locks are counted per page, and a page is
 # unlocked only when the last secret on it is wiped.
 _PAGE = mmap.PAGESIZE
+MADV_DONTDUMP, MADV_DODUMP = 16, 17          # <asm-generic/mman-common.h>
 _page_locks: dict[int, int] = {}
 _page_locks_mutex = threading.Lock()
 # Pages of wiped secrets whose munlock accounting waits for the mutex.  A wipe
@@ -54,6 +56,7 @@ def _settle_pending_unlocks(libc) -> None:
                 _page_locks.pop(p, None)
                 if libc:
                     libc.munlock(ctypes.c_void_p(p), ctypes.c_size_t(_PAGE))
+                    libc.madvise(ctypes.c_void_p(p), ctypes.c_size_t(_PAGE), MADV_DODUMP)
 
 
 def _get_libc():
@@ -129,6 +132,8 @@ class Secret:
                     for q in new[:new.index(p)]:
                         libc.munlock(ctypes.c_void_p(q), ctypes.c_size_t(_PAGE))
                     return  # not allowed (RLIMIT_MEMLOCK): stay unlocked
+            for p in new:     # and out of core dumps (the process is non-dumpable too)
+                libc.madvise(ctypes.c_void_p(p), ctypes.c_size_t(_PAGE), MADV_DONTDUMP)
             for p in pages:
                 _page_locks[p] = _page_locks.get(p, 0) + 1
             self._locked = True

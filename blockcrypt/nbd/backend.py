@@ -16,7 +16,7 @@ punching and durability are the volume's.  Rules it follows (docs/FORMAT.md):
   already show.  Writing plaintext zeros stores *encrypted* zeros (random-looking
   bytes), so ordinary writes never reveal which sectors hold zeros.
 - Partial sectors are read-modify-written.  Writers whose sector ranges
-  overlap are serialised (:class:`_SectorLocks`); disjoint requests run in
+  overlap are serialised (striped sector locks); disjoint requests run in
   parallel, so each write is atomic with respect to every other write.
 - Discard: with ``discard=True``, ``trim`` and ``zero(may_trim=True)``
   deallocate whole sectors (punch holes).  Like dm-crypt's ``allow_discards``
@@ -28,57 +28,38 @@ punching and durability are the volume's.  Rules it follows (docs/FORMAT.md):
   One volume (one file descriptor) is shared by all connections, so a flush
   covers every connection's writes.
 
+Two request paths implement these rules.  The compiled path
+(``Disk`` of :mod:`blockcrypt.crypto._datapath`) serves a volume that hands
+out its file descriptor (:meth:`~blockcrypt.storage.volume.Volume.raw_file`,
+a container file): one C call per request does the range check, pread/pwrite,
+XTS, the zero-sector rule, the read-modify-write and the sector locks, with
+the GIL released from start to end.  :class:`~.sectors.PythonSectors` serves
+any other volume, and is the reference the compiled path is tested against;
+it is also the fallback, announced on stderr, when the extension is missing.
+Flush, FUA, extents and the choice between them stay here.
+
 Errors are raised as ``OSError`` (with the errno a client should see) or
 :class:`~blockcrypt.errors.BlockcryptError`; :func:`errno_for` gives the NBD
 errno for either.  No message carries key bytes.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
-import mmap
 import os
-import threading
-from collections.abc import Iterator
 from typing import Self
 
-import numpy as np
-
 from .. import errors
+from ..crypto import compiled
 from ..crypto.secret import Secret
 from ..crypto.xts import XtsCipher
 from ..storage.volume import FileVolume, Volume
-
-# Encrypt-and-write and zero-writing work in chunks of this many bytes, so one
-# request never needs more than this much scratch memory.  nbdkit runs up to
-# 16 requests at once per connection (nbdcopy opens 4), so the scratch in use
-# at once stays within 64 x 1 MiB even for 32 MiB requests; ordinary requests
-# (4 KiB to 256 KiB) touch only their first pages of a buffer.
-CHUNK_BYTES = 1024 * 1024
-_ZEROS = bytes(CHUNK_BYTES)
-
-# Writes up to this size are copied into the scratch buffer and encrypted in
-# place there: cheaper than resolving the address of nbdkit's read-only buffer.
-SMALL_WRITE_BYTES = 64 * 1024
-
-# Requests up to this size use the cipher's unchecked fast entry point
-# (XtsCipher.crypt_at); larger ones, including the 512-byte-sector bulk path,
-# go through the checked crypt_in_place.  Below xts.BULK_MIN_SECTORS * 512.
-FAST_CRYPT_BYTES = 16 * 1024
-
-# Scratch buffers kept for reuse once their request is done; more than this
-# many at once (a burst of concurrent requests) are unmapped when returned.
-MAX_IDLE_SCRATCH = 16
-
-_ZERO_WORD = bytes(8)
+from .sectors import PythonSectors
 
 # Largest number of extents returned by one extents() call; nbdkit accepts a
 # shorter answer and the client asks again from where it ends.
 MAX_EXTENTS = 1024
 
-_addressof = ctypes.addressof
-_char_from_buffer = ctypes.c_char.from_buffer
+ENGINES = ("auto", "compiled", "reference")
 
 
 def errno_for(exc: BaseException) -> int:
@@ -102,64 +83,6 @@ def errno_for(exc: BaseException) -> int:
     return errno.EIO
 
 
-class _SectorLocks:
-    """Serialises writers whose sector ranges may overlap; most disjoint ones run in parallel.
-
-    Every write holds the locks of the sector groups it touches (``GROUP``
-    consecutive sectors share a group; group ``g`` uses stripe ``g % STRIPES``)
-    for its whole duration.  A read-modify-write of a partial sector therefore
-    never interleaves with another write of that sector, and the final content
-    of the disk after concurrent overlapping writes is that of some serial
-    order of them.  Stripes are taken in ascending order, so two writers never
-    deadlock.  A small request touches one group: one uncontended
-    ``threading.Lock`` (~0.1 us), whatever the number of requests in flight.
-    Disjoint requests whose groups share a stripe wait for each other, which
-    costs some parallelism but never correctness.
-    """
-
-    GROUP = 16
-    STRIPES = 64
-
-    def __init__(self) -> None:
-        self.stripes = [threading.Lock() for _ in range(self.STRIPES)]
-
-    def stripe_of(self, first_sector: int, end_sector: int) -> threading.Lock | None:
-        """The one lock covering [first_sector, end_sector) if it lies in one group."""
-        group = first_sector // self.GROUP
-        if (end_sector - 1) // self.GROUP != group:
-            return None
-        return self.stripes[group % self.STRIPES]
-
-    def acquire(self, first_sector: int, end_sector: int) -> list[threading.Lock]:
-        """Take every stripe of [first_sector, end_sector), ascending; return them."""
-        g0, g1 = first_sector // self.GROUP, (end_sector - 1) // self.GROUP
-        if g1 - g0 + 1 >= self.STRIPES:
-            held = list(self.stripes)
-        else:
-            held = [self.stripes[i] for i in sorted({g % self.STRIPES
-                                                     for g in range(g0, g1 + 1)})]
-        for n, lock in enumerate(held):
-            try:
-                lock.acquire()
-            except BaseException:
-                self.release(held[:n])
-                raise
-        return held
-
-    @staticmethod
-    def release(held: list[threading.Lock]) -> None:
-        for lock in reversed(held):
-            lock.release()
-
-    @contextlib.contextmanager
-    def hold(self, first_sector: int, end_sector: int) -> Iterator[None]:
-        held = self.acquire(first_sector, end_sector)
-        try:
-            yield
-        finally:
-            self.release(held)
-
-
 class DiskBackend:
     """Serve the virtual disk kept in one :class:`~blockcrypt.storage.volume.Volume`.
 
@@ -171,14 +94,19 @@ class DiskBackend:
 
     ``dk`` is the plaintext data key for an encrypted disk and must be
     ``None`` for an unencrypted one.  The backend keeps no reference to ``dk``:
-    the cipher holds its own mlocked copy, wiped by :meth:`close`; the caller
-    may wipe ``dk`` as soon as the constructor returns.
+    the cipher holds its own copy in locked memory, wiped by :meth:`close`; the
+    caller may wipe ``dk`` as soon as the constructor returns.
+
+    ``engine``: "auto" (the compiled path when the extension loads and the
+    volume has a file descriptor, else the Python path), "compiled" (required),
+    or "reference" (the Python path with the pyca reference cipher, for tests).
+    :attr:`engine_name` says which one serves.
 
     Thread-safe: all methods may be called from many threads at once.
     """
 
     def __init__(self, volume: Volume | str | os.PathLike, dk: Secret | None, *,
-                 read_only: bool | None = None, discard: bool):
+                 read_only: bool | None = None, discard: bool, engine: str = "auto"):
         if not isinstance(volume, Volume):
             if read_only is None:
                 raise TypeError("DiskBackend(path, ...) needs read_only=True or False")
@@ -187,12 +115,15 @@ class DiskBackend:
             if read_only is not None and read_only != volume.read_only:
                 raise ValueError(f"read_only={read_only} but {volume!r} is opened "
                                  f"{'read-only' if volume.read_only else 'read-write'}")
-            self._init(volume, dk, discard)
+            if engine not in ENGINES:
+                raise ValueError(f"unknown engine {engine!r}; one of {ENGINES}")
+            self._init(volume, dk, discard, engine)
         except BaseException:
+            self._release()
             volume.close()
             raise
 
-    def _init(self, volume: Volume, dk: Secret | None, discard: bool) -> None:
+    def _init(self, volume: Volume, dk: Secret | None, discard: bool, engine: str) -> None:
         self.volume = volume
         self.path = volume.name
         self.read_only = volume.read_only
@@ -210,72 +141,47 @@ class DiskBackend:
         self.size_bytes = header.size_bytes
         self.sector_size = header.sector_size
         self.encrypted = header.encrypted
-        self._sector_locks = _SectorLocks()
-        self._idle_scratch: list[tuple[memoryview, int]] = []   # list.pop/append: atomic
-        # The volume's per-request methods, bound once (no lookup per request).
-        self._pread, self._pwrite = volume.pread_into, volume.pwrite
-        self._cipher = XtsCipher(dk, self.sector_size) if dk is not None else None
-        # The cipher's unchecked per-request entry point (None without the
-        # OpenSSL fast path); requests are validated here before it is used.
-        self._crypt_at = self._cipher.crypt_at if self._cipher is not None else None
+        dp = compiled.datapath() if engine != "reference" else None
+        raw = volume.raw_file()
+        if engine == "compiled" and (dp is None or raw is None):
+            raise errors.EnvironmentProblem(
+                detail=f"the compiled data path cannot serve {self.path} ("
+                       + (compiled.why_missing() if dp is None else "no file descriptor")
+                       + "); reinstall blockcrypt with gcc, python3-dev and libssl-dev")
+        if engine == "auto" and dp is None:
+            compiled.warn_slow("the data path")
+        cipher_engine = "reference" if engine == "reference" or dp is None else "compiled"
+        self._cipher = (XtsCipher(dk, self.sector_size, engine=cipher_engine)
+                        if dk is not None else None)
+        if dp is not None and raw is not None:
+            fd, data_offset = raw
+            self._disk = dp.Disk(fd, data_offset, self.size_bytes, self.sector_size,
+                                 self.read_only, self._cipher.xts if self._cipher else None,
+                                 self.path)
+            self._wiped_error = dp.WipedError
+            self.engine_name = "compiled"
+            # One C call per request: these bound methods do the range and
+            # read-only checks themselves (the same errors as _check_*).
+            self.pread_into = self._disk.pread          # shadows the method below
+            self._write, self._zero = self._disk.pwrite, self._disk.zero
+        else:
+            self._disk = None
+            self._sectors = PythonSectors(volume, self._cipher, self.sector_size)
+            self.engine_name = "python"
+            self._write, self._zero = self._python_write, self._python_zero
 
     # -- public API -------------------------------------------------------------
 
     def pread_into(self, buf, offset: int) -> None:
         """Fill ``buf`` (writable, any length) with the plaintext at ``offset``."""
         view = memoryview(buf).cast("B")
-        count = len(view)
-        if offset < 0 or offset + count > self.size_bytes:
-            self._check_range(count, offset)
-        if self._cipher is None:
-            self._pread(view, offset)
-            return
-        ss = self.sector_size
-        if not (offset % ss or count % ss):        # whole sectors: the common case
-            if count:
-                self._read_sectors(view, offset // ss)
-            return
-        # A partial head and/or tail sector: decrypt those through a scratch sector.
-        for pos, sector_no, within, length, whole in self._pieces(count, offset):
-            if whole:  # straight into the caller's buffer, decrypted in place
-                self._read_sectors(view[pos:pos + length], sector_no)
-            else:
-                sector = memoryview(bytearray(ss))
-                self._read_sectors(sector, sector_no)
-                view[pos:pos + length] = sector[within:within + length]
+        self._check_range(len(view), offset)
+        if len(view):
+            self._sectors.pread(view, offset)
 
     def pwrite(self, buf, offset: int, fua: bool) -> None:
         """Write ``buf`` (any length) at ``offset``; durable on return if ``fua``."""
-        if self.read_only:
-            self._check_writable()
-        view = memoryview(buf).cast("B")
-        count = len(view)
-        if offset < 0 or offset + count > self.size_bytes:
-            self._check_range(count, offset)
-        if count == 0:
-            return
-        if self._cipher is None:
-            self._pwrite(view, offset)
-        else:
-            ss = self.sector_size
-            first, end = offset // ss, -(-(offset + count) // ss)
-            aligned = not (offset % ss or count % ss)
-            stripe = self._sector_locks.stripe_of(first, end)
-            if stripe is not None and aligned:      # the common case: one lock
-                with stripe:
-                    self._encrypt_write(view, first)
-            else:
-                with self._sector_locks.hold(first, end):
-                    if aligned:                     # whole sectors: no read-modify-write
-                        self._encrypt_write(view, first)
-                    else:
-                        for pos, sector_no, within, length, whole in self._pieces(count,
-                                                                                   offset):
-                            piece = view[pos:pos + length]
-                            if whole:
-                                self._encrypt_write(piece, sector_no)
-                            else:
-                                self._modify_sector(sector_no, within, piece)
+        self._write(buf, offset)
         if fua:
             self.volume.flush()
 
@@ -287,26 +193,7 @@ class DiskBackend:
         (as dm-crypt allow_discards does); otherwise encrypted zeros are
         written, indistinguishable from other data.
         """
-        self._check_writable()
-        self._check_range(count, offset)
-        if count == 0:
-            return
-        deallocate = self.discard and may_trim
-        if self._cipher is None:
-            if deallocate:
-                self.volume.deallocate(offset, count)
-            else:
-                self.volume.write_zeros(offset, count)
-        else:
-            ss = self.sector_size
-            with self._sector_locks.hold(*self._sector_span(count, offset)):
-                for _pos, sector_no, within, length, whole in self._pieces(count, offset):
-                    if not whole:
-                        self._modify_sector(sector_no, within, memoryview(_ZEROS)[:length])
-                    elif deallocate:  # zero-sector rule: holes read as zeros
-                        self.volume.deallocate(sector_no * ss, length)
-                    else:
-                        self._encrypt_zeros(sector_no, length)
+        self._zero(offset, count, self.discard and may_trim)
         if fua:
             self.volume.flush()
 
@@ -341,14 +228,24 @@ class DiskBackend:
         return self.volume.extents(offset, count, MAX_EXTENTS)
 
     def close(self) -> None:
-        """Wipe the cipher's key and close the volume (idempotent)."""
-        cipher, self._cipher = getattr(self, "_cipher", None), None
-        if cipher is not None:
-            cipher.wipe()
-        getattr(self, "_idle_scratch", []).clear()   # unmaps the scratch buffers
+        """Wait for running requests, wipe the cipher's key and close the volume
+        (idempotent)."""
+        self._release()
         volume = getattr(self, "volume", None)
         if volume is not None:
             volume.close()
+
+    def _release(self) -> None:
+        """Close the compiled disk (waits for its running requests) and wipe the key."""
+        disk, self._disk = getattr(self, "_disk", None), None
+        if disk is not None:
+            disk.close()
+        cipher, self._cipher = getattr(self, "_cipher", None), None
+        if cipher is not None:
+            cipher.wipe()
+        sectors = getattr(self, "_sectors", None)
+        if sectors is not None:
+            sectors.close()
 
     def __enter__(self) -> Self:
         return self
@@ -358,9 +255,23 @@ class DiskBackend:
 
     def __repr__(self) -> str:
         return (f"<DiskBackend {self.path} size_bytes={self.size_bytes} "
-                f"sector_size={self.sector_size} encrypted={self.encrypted}>")
+                f"sector_size={self.sector_size} encrypted={self.encrypted} "
+                f"engine={self.engine_name}>")
 
     # -- helpers ----------------------------------------------------------------
+
+    def _python_write(self, buf, offset: int) -> None:
+        self._check_writable()
+        view = memoryview(buf).cast("B")
+        self._check_range(len(view), offset)
+        if len(view):
+            self._sectors.pwrite(view, offset)
+
+    def _python_zero(self, offset: int, count: int, deallocate: bool) -> None:
+        self._check_writable()
+        self._check_range(count, offset)
+        if count:
+            self._sectors.zero(offset, count, deallocate)
 
     def _check_range(self, count: int, offset: int) -> None:
         if offset < 0 or count < 0 or offset + count > self.size_bytes:
@@ -371,104 +282,3 @@ class DiskBackend:
     def _check_writable(self) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, f"disk {self.path} is served read-only")
-
-    def _sector_span(self, count: int, offset: int) -> tuple[int, int]:
-        ss = self.sector_size
-        return offset // ss, -(-(offset + count) // ss)
-
-    def _pieces(self, count: int, offset: int) -> Iterator[tuple[int, int, int, int, bool]]:
-        """Split a request into at most three pieces: partial head, whole sectors, partial tail.
-
-        Yields ``(pos, sector_no, within, length, whole)``: ``pos`` is the
-        offset in the request, ``within`` the offset inside sector ``sector_no``;
-        ``whole`` pieces start at a sector boundary and span whole sectors.
-        """
-        ss = self.sector_size
-        pos = 0
-        while pos < count:
-            sector_no, within = divmod(offset + pos, ss)
-            if within or count - pos < ss:
-                length = min(ss - within, count - pos)
-                yield pos, sector_no, within, length, False
-            else:
-                length = (count - pos) // ss * ss
-                yield pos, sector_no, 0, length, True
-            pos += length
-
-    def _read_sectors(self, dst: memoryview, sector_no: int) -> None:
-        """Read whole sectors into dst and decrypt them in place (zero-sector rule)."""
-        ss = self.sector_size
-        self._pread(dst, sector_no * ss)         # short reads finished, zeros past EOF
-        # Zero-sector rule, fast test: a stored sector whose first 8 bytes are
-        # not all zero is not an all-zero sector.  Ciphertext starts with 8
-        # zero bytes with probability 2^-64; such a sector, and holes, take
-        # the exact per-sector test below.
-        step = ss // 8
-        if len(dst) == ss:                       # one sector (4 KiB requests)
-            heads_nonzero = dst[:8] != _ZERO_WORD
-        elif len(dst) <= 64 * ss:                # a few sectors: cheaper than numpy
-            heads_nonzero = all(dst.cast("Q")[::step].tolist())
-        else:
-            heads_nonzero = bool(np.frombuffer(dst, dtype=np.uint64)[::step].all())
-        if heads_nonzero:
-            if self._crypt_at is not None and len(dst) <= FAST_CRYPT_BYTES:
-                self._crypt_at(_addressof(_char_from_buffer(dst)), len(dst), sector_no, False)
-            else:
-                self._cipher.crypt_in_place(dst, sector_no, False)
-            return
-        words = np.frombuffer(dst, dtype=np.uint64)
-        stored_nonzero = words.reshape(-1, step).any(axis=1)
-        if stored_nonzero.all():
-            self._cipher.decrypt_into(dst, dst, sector_no)
-            return
-        # Decrypt each run of stored non-zero sectors with one call.
-        edges = np.flatnonzero(np.diff(stored_nonzero, prepend=False, append=False))
-        for first, end in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-            run = dst[first * ss:end * ss]
-            self._cipher.decrypt_into(run, run, sector_no + first)
-
-    def _encrypt_write(self, plain: memoryview, sector_no: int) -> None:
-        """Encrypt whole sectors into a scratch buffer and write them."""
-        ss = self.sector_size
-        try:
-            slot = self._idle_scratch.pop()
-        except IndexError:
-            # Anonymous mapping: pages are only backed once written, so a 4 KiB
-            # request costs 4 KiB of memory, not CHUNK_BYTES.  Its address is
-            # kept with it for the cipher's unchecked entry point.
-            scratch = memoryview(mmap.mmap(-1, CHUNK_BYTES))
-            slot = (scratch, _addressof(_char_from_buffer(scratch)))
-        scratch = slot[0]
-        try:
-            count = len(plain)
-            if count <= SMALL_WRITE_BYTES:
-                out = scratch[:count]
-                out[:] = plain
-                if self._crypt_at is not None and count <= FAST_CRYPT_BYTES:
-                    self._crypt_at(slot[1], count, sector_no, True)
-                else:
-                    self._cipher.crypt_in_place(out, sector_no, True)
-                self._pwrite(out, sector_no * ss)
-                return
-            for pos in range(0, count, CHUNK_BYTES):
-                piece = plain[pos:pos + CHUNK_BYTES]
-                out = scratch[:len(piece)]
-                first = sector_no + pos // ss
-                self._cipher.encrypt_into(piece, out, first)
-                self._pwrite(out, first * ss)
-        finally:
-            if len(self._idle_scratch) < MAX_IDLE_SCRATCH:
-                self._idle_scratch.append(slot)
-
-    def _encrypt_zeros(self, sector_no: int, length: int) -> None:
-        ss = self.sector_size
-        for pos in range(0, length, CHUNK_BYTES):
-            n = min(CHUNK_BYTES, length - pos)
-            self._encrypt_write(memoryview(_ZEROS)[:n], sector_no + pos // ss)
-
-    def _modify_sector(self, sector_no: int, within: int, data: memoryview) -> None:
-        """Read-modify-write part of one sector (caller holds its range lock)."""
-        sector = memoryview(bytearray(self.sector_size))
-        self._read_sectors(sector, sector_no)
-        sector[within:within + len(data)] = data
-        self._encrypt_write(sector, sector_no)

@@ -29,7 +29,7 @@ def plugin_path() -> Path:
 def plugin_pythonpath() -> list[str]:
     """Directories nbdkit's embedded /usr/bin/python3 must search: the one that
     holds this ``blockcrypt`` package (a checkout or site-packages) and this
-    interpreter's site-packages (the virtualenv's: cryptography, numpy)."""
+    interpreter's site-packages (the virtualenv's: cryptography, click)."""
     paths = [str(Path(blockcrypt.__file__).resolve().parent.parent)]
     for key in ("purelib", "platlib"):
         p = sysconfig.get_paths().get(key)

@@ -23,14 +23,14 @@ Config keys (anything else is refused):
 
 Secret hygiene: the process is made non-dumpable at load (no core file, no
 ptrace by other users).  The key read from the pipe is wiped as soon as the
-cipher holds its own copy (an mlocked Secret plus libcrypto's key schedules);
-cleanup wipes those.  Error messages name errnos and objects, never key bytes.
+compiled cipher holds its own copy (a page of its own, mlocked and
+MADV_DONTDUMP; libcrypto's key schedules exist only while a request runs, see
+docs/KEYS.md); cleanup wipes it.  Error messages name errnos and objects, never key bytes.
 mlock does not survive fork(): run nbdkit with ``-f``/``--foreground`` (the CLI
 does) so the process that holds the key is the one that locked it.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
@@ -40,7 +40,7 @@ from typing import NoReturn
 import nbdkit
 
 from blockcrypt.constants import DK_BYTES
-from blockcrypt.crypto import secret
+from blockcrypt.crypto import compiled, secret
 from blockcrypt.nbd.backend import DiskBackend, errno_for
 from blockcrypt.storage.volume import FileVolume
 
@@ -176,73 +176,37 @@ class _ThreadStates:
     connection's pinned states once their threads are gone: nothing grows
     with the number of connections.  A state belonging to the calling thread
     (nbdkit ``--threads 1`` runs requests on the connection thread) is
-    unpinned with PyGILState_Release instead.  All calls are the documented
-    C API, made with the GIL held (``ctypes.pythonapi``).  Where they cannot
-    be loaded, :meth:`pin` does nothing and requests take the slow path.
+    unpinned with PyGILState_Release instead.  The calls are the documented
+    C API, made by the compiled extension (``pin_thread_state``,
+    ``release_thread_state``, ``live_thread_states`` in
+    blockcrypt/crypto/_datapath_src/module.c).  Without the extension :meth:`pin` does
+    nothing (the slow path, announced on stderr by the backend).
     """
-
-    # PyGILState_STATE: what our PyGILState_Ensure returned (the GIL was
-    # already held, as it always is inside a callback).
-    _GIL_WAS_HELD = 0                     # PyGILState_LOCKED
 
     def __init__(self) -> None:
         self._local = threading.local()   # lives as long as the thread state does
-        try:
-            api = ctypes.pythonapi
-            self._ensure = api.PyGILState_Ensure
-            self._ensure.argtypes, self._ensure.restype = [], ctypes.c_int
-            self._release = api.PyGILState_Release
-            self._release.argtypes, self._release.restype = [ctypes.c_int], None
-            self._current = api.PyThreadState_Get
-            self._current.argtypes, self._current.restype = [], ctypes.c_void_p
-            self._clear = api.PyThreadState_Clear
-            self._clear.argtypes, self._clear.restype = [ctypes.c_void_p], None
-            self._delete = api.PyThreadState_Delete
-            self._delete.argtypes, self._delete.restype = [ctypes.c_void_p], None
-            self._interp = api.PyInterpreterState_Get
-            self._interp.argtypes, self._interp.restype = [], ctypes.c_void_p
-            self._head = api.PyInterpreterState_ThreadHead
-            self._head.argtypes, self._head.restype = [ctypes.c_void_p], ctypes.c_void_p
-            self._next = api.PyThreadState_Next
-            self._next.argtypes, self._next.restype = [ctypes.c_void_p], ctypes.c_void_p
-            self.enabled = True
-        except (AttributeError, OSError):
-            self.enabled = False
+        self._dp = compiled.datapath()
+        self.enabled = self._dp is not None
 
     def pin(self, conn: "_Connection") -> None:
         """Keep the calling thread's state alive until ``conn`` closes (idempotent)."""
         if not self.enabled or getattr(self._local, "conn", None) is not None:
             return
-        state = self._current()
-        if self._ensure() != self._GIL_WAS_HELD:   # cannot happen inside a callback
-            raise RuntimeError("PyGILState_Ensure: the GIL was not held")
+        state = self._dp.pin_thread_state()
         self._local.conn = conn
         conn.thread_states.append(state)
 
     def release(self, conn: "_Connection") -> int:
         """Drop every state pinned for ``conn``; return how many."""
         states, conn.thread_states = conn.thread_states, []
-        if not states:
-            return 0
-        mine = self._current()
         for state in states:
-            if state == mine:            # requests ran on this thread: undo our count
+            if not self._dp.release_thread_state(state):   # it was this thread's own
                 self._local.conn = None
-                self._release(self._GIL_WAS_HELD)   # only counts down, keeps the GIL
-            else:                        # its thread has exited (joined by nbdkit)
-                self._clear(state)
-                self._delete(state)
         return len(states)
 
     def live(self) -> int:
         """How many Python thread states the interpreter has (for the debug log)."""
-        if not self.enabled:
-            return -1
-        count, state = 0, self._head(self._interp())
-        while state:
-            count += 1
-            state = self._next(state)
-        return count
+        return self._dp.live_thread_states() if self.enabled else -1
 
 
 _thread_states = _ThreadStates()
@@ -323,7 +287,9 @@ def can_cache(h):
 # pread and pwrite, the per-request callbacks, handle errors inline: the
 # _nbd_errors wrapper would cost a Python frame on every request.  Each pins
 # its worker thread's Python thread state on the thread's first request
-# (_ThreadStates); the test is one attribute read of a threading.local.
+# (_ThreadStates); the test is one attribute read of a threading.local.  With
+# the compiled path, _backend.pread_into is the extension's Disk.pread: one C
+# call per request, the GIL released from start to end.
 _pinned = _thread_states._local
 _getattr = getattr
 

@@ -94,6 +94,12 @@ class Volume(abc.ABC):
     def close(self) -> None:
         """Release the server lock and the store (idempotent)."""
 
+    def raw_file(self) -> tuple[int, int] | None:
+        """``(fd, data_offset)`` when the data area is a range of a file that
+        the compiled data path may pread/pwrite itself (it dups ``fd``), else
+        None: then the backend's Python path serves through these methods."""
+        return None
+
     def write_zeros(self, offset: int, length: int) -> None:
         """Store zero bytes over the range (allocated, unlike :meth:`deallocate`)."""
         zeros = memoryview(_ZEROS)
@@ -136,6 +142,9 @@ class FileVolume(Volume):
         except BaseException:
             os.close(self.fd)
             raise
+
+    def raw_file(self) -> tuple[int, int] | None:
+        return (self.fd, self._base) if self.fd >= 0 else None
 
     def pread_into(self, view: memoryview, offset: int) -> None:
         file_offset = self._base + offset

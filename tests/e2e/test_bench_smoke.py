@@ -1,6 +1,6 @@
 """scripts/bench.py: the quick run completes and its output is well-formed.
 
-Never a speed threshold (issue 7): the benchmark measures, CI only checks that
+Never a speed threshold (issues 7 and 13): the benchmark measures, CI only checks that
 it runs every server and workload and writes a complete table, JSON and plot.
 The PASS/MISS logic is checked on synthetic figures.
 """
@@ -48,7 +48,8 @@ def test_quick_run_produces_table_json_and_plot(tmp_path):
     text = cp.stdout.decode()
     for server in bench.SERVERS:
         assert server.replace("blockcrypt-", "bc-") in text
-    assert "Targets (issue 7):" in text and "blockcrypt / nbdkit-luks" in text
+    assert "Targets (issue 13), measured on " in text and "blockcrypt / nbdkit-luks" in text
+    assert "Cipher ceiling:" in text and "targets met." in text
 
     result = json.loads(out_json.read_text())
     assert result["config"]["quick"] is True
@@ -81,7 +82,8 @@ def test_quick_run_produces_table_json_and_plot(tmp_path):
     assert result["openssl_speed_MBps"] and all(
         is_number(v) and v > 0 for v in result["openssl_speed_MBps"].values())
     statuses = {t["status"] for t in result["targets"]}
-    assert statuses <= {"PASS", "MISS"} and len(result["targets"]) == 11
+    assert statuses <= {"PASS", "MISS"} and len(result["targets"]) == 19
+    assert all(t["ceiling_nbdkit_file"] > 0 for t in result["targets"] if t["unit"] == "x")
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["tools"]["nbdkit"]
 
     png = out_png.read_bytes()
@@ -93,18 +95,39 @@ def test_targets_pass_and_miss_on_synthetic_figures():
     figures = {"seq_write_MBps": 1000.0, "seq_read_MBps": 1000.0,
                "randread_4k_iops": 1000.0, "randwrite_4k_iops": 1000.0, "peak_rss_MiB": 50.0}
     summary = {s: dict(figures) for s in bench.SERVERS}
-    summary["blockcrypt-xts-4096"]["seq_write_MBps"] = 999.0        # 0.999x: MISS
-    summary["blockcrypt-xts-512"]["seq_read_MBps"] = 700.0          # exactly 0.7x: PASS
-    summary["blockcrypt-xts-512"]["randwrite_4k_iops"] = 849.0      # 0.849x plain: MISS
+    summary["blockcrypt-xts-4096"].update(seq_write_MBps=1999.0,     # 1.999x luks: MISS
+                                          seq_read_MBps=1500.0,      # exactly 1.5x: PASS
+                                          randread_4k_iops=1200.0,   # exactly 1.2x: PASS
+                                          randwrite_4k_iops=1000.0)  # exactly 1.0x: PASS
+    summary["blockcrypt-plain"].update(seq_write_MBps=2400.0, seq_read_MBps=1800.0)
+    summary["blockcrypt-xts-512"]["randwrite_4k_iops"] = 999.0      # 0.999x luks: MISS
+    summary["nbdkit-file"]["randread_4k_iops"] = 3000.0             # the ceiling: 3x luks
     summary["blockcrypt-plain"]["peak_rss_MiB"] = 150.5             # above 150 MiB: MISS
-    status = {t["target"]: t["status"] for t in bench.targets(summary)}
-    assert status["seq write, encrypted 4096 >= 1.0x nbdkit-luks"] == "MISS"
-    assert status["seq read, encrypted 4096 >= 1.0x nbdkit-luks"] == "PASS"
-    assert status["seq read, encrypted 512 >= 0.7x nbdkit-luks"] == "PASS"
-    assert status["4K rand write, encrypted 512 >= 0.85x blockcrypt-plain"] == "MISS"
-    assert status["4K rand read, encrypted 512 >= 0.85x blockcrypt-plain"] == "PASS"
+    rows = {t["target"]: t for t in bench.targets(summary)}
+    status = {k: t["status"] for k, t in rows.items()}
+    assert len(rows) == 19
+    assert status["seq write, encrypted 4096 >= 2.0x nbdkit-luks"] == "MISS"
+    assert status["seq read, encrypted 4096 >= 1.5x nbdkit-luks"] == "PASS"
+    assert status["4K rand read QD32, encrypted 4096 >= 1.2x nbdkit-luks"] == "PASS"
+    assert status["4K rand write QD32, encrypted 4096 >= 1.0x nbdkit-luks"] == "PASS"
+    assert status["4K rand write QD32, encrypted 512 >= 1.0x nbdkit-luks"] == "MISS"
+    assert status["seq read, encrypted 512 >= 1.0x nbdkit-luks"] == "PASS"
+    # 1999 / 2400 = 0.833x plain: PASS; 1500 / 1800 = 0.833x: PASS; 1000/2400 (512): MISS
+    assert status["seq write, encrypted 4096 >= 0.8x blockcrypt-plain"] == "PASS"
+    assert status["seq write, encrypted 512 >= 0.8x blockcrypt-plain"] == "MISS"
+    assert status["4K rand read QD32, encrypted 512 >= 0.8x blockcrypt-plain"] == "PASS"
     assert status["peak RSS of nbdkit, blockcrypt-plain <= 150 MiB"] == "MISS"
     assert status["peak RSS of nbdkit, blockcrypt-xts-4096 <= 150 MiB"] == "PASS"
+    assert rows["4K rand read QD32, encrypted 4096 >= 1.2x nbdkit-luks"][
+        "ceiling_nbdkit_file"] == pytest.approx(3.0)
+
+
+def test_default_workdir_is_on_the_file_system_of_the_blockcrypt_home(tmp_path, monkeypatch):
+    bench = load_bench()
+    monkeypatch.setenv("BLOCKCRYPT_HOME", str(tmp_path / "not" / "yet" / "home"))
+    assert bench.blockcrypt_home() == tmp_path / "not" / "yet" / "home"
+    assert bench.default_workdir_parent() == tmp_path       # nearest existing ancestor
+    assert bench.filesystem_of(tmp_path).split(" (")[0] in open("/proc/self/mounts").read()
 
 
 def test_summary_uses_median_and_peak_rss_maximum():

@@ -81,6 +81,15 @@ def test_wheel_ships_every_module_and_the_plugin(installed):
     source = {p.relative_to(REPO).as_posix() for p in (REPO / "blockcrypt").rglob("*.py")
               if "__pycache__" not in p.parts}
     assert "blockcrypt/nbd/plugin.py" in names
+    # the compiled data path, built for /usr/bin/python3, ships in the wheel
+    assert [n for n in names if n.startswith("blockcrypt/crypto/_datapath.cpython-")
+            and n.endswith(".so")], sorted(names)
+    where = subprocess.run([str(installed.venv / "bin" / "python"), "-c",
+                            "from blockcrypt.crypto.compiled import datapath; "
+                            "print(datapath().__file__)"],
+                           capture_output=True, env=clean_env(), cwd=installed.venv,
+                           check=True).stdout.decode().strip()
+    assert where.startswith(str(installed.site_packages / "blockcrypt" / "crypto")), where
     assert source - names == set(), "modules of the source tree missing from the wheel"
     packages = {p.parent.relative_to(REPO).as_posix()
                 for p in (REPO / "blockcrypt").rglob("__init__.py")}

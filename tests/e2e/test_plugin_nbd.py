@@ -507,3 +507,26 @@ def test_pinned_thread_states_released_when_connections_close(tmp_path, threads)
     if threads > 1:                     # concurrent requests used several worker threads
         assert sum(n > 1 for n in released) > 100, released
     assert rss_after - rss_before < 6 * 1024, (rss_before, rss_after)
+
+
+@e2e
+def test_without_the_extension_the_python_path_serves_and_warns_once(tmp_path):
+    """If the compiled data path cannot be loaded (here: pointed at a file that
+    is not an extension), nbdkit still serves the disk correctly through the
+    pure-Python path and its log says so once, loudly, with the way out."""
+    path = tmp_path / "d.bcd"
+    header, dk = make_disk(path, 8 * MiB, 512)
+    data = os.urandom(MiB + 1000)
+    with serve_container(path, dk, extra_env={
+            "BLOCKCRYPT_TESTONLY_DATAPATH_SO": str(tmp_path / "no-such-extension")}) as srv:
+        h = srv.connect()
+        for i in range(4):                                    # several requests
+            h.pwrite(data, 4096 * i + 7)
+        assert h.pread(len(data), 4096 * 3 + 7) == data
+        h.shutdown()
+        log = srv.log_text()
+    assert log.count("WARNING") == 1, log
+    assert "pure-Python reference engine" in log and "make install" in log
+    assert "no-such-extension" in log                         # the reason is named
+    raw = data_area(path, header)
+    assert data[:4096] not in raw                             # still encrypted at rest

@@ -71,15 +71,15 @@ def serve_container(container: str | os.PathLike, dk=None, *, readonly: bool = F
                     discard: bool = False, filters: tuple[str, ...] = (),
                     filter_args: tuple[str, ...] = (), plugin_args: tuple[str, ...] = (),
                     verbose: bool = False, threads: int | None = None,
-                    start_timeout: float = 30.0):
+                    start_timeout: float = 30.0, extra_env: dict[str, str] | None = None):
     """Run ``nbdkit -f -U SOCK -P PIDFILE --exit-with-parent python PLUGIN file=...``;
     yield a Server once nbdkit has written its pid file (it is then listening).
 
     ``dk`` (a Secret or bytes) is written into a pipe passed as ``keyfd``;
     ``filters`` are filter names (``--filter=NAME``) and ``filter_args`` their
     ``key=value`` parameters; ``plugin_args`` are extra raw plugin parameters
-    (to test refusals).  Raises RuntimeError with nbdkit's log if the server
-    does not come up.
+    (to test refusals); ``extra_env`` is added to nbdkit's environment.
+    Raises RuntimeError with nbdkit's log if the server does not come up.
     """
     workdir = Path(tempfile.mkdtemp(prefix="bc-nbdkit-"))
     os.chmod(workdir, 0o700)
@@ -114,7 +114,7 @@ def serve_container(container: str | os.PathLike, dk=None, *, readonly: bool = F
         with open(log, "wb") as logf:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
                                     stderr=subprocess.STDOUT, pass_fds=pass_fds,
-                                    env=plugin_env())
+                                    env={**plugin_env(), **(extra_env or {})})
         if rfd >= 0:
             os.close(rfd)
             rfd = -1

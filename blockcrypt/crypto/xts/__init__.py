@@ -16,31 +16,19 @@ Security properties (IEEE 1619-2007 XTS-AES, NIST SP 800-38E):
 Two engines compute the same bytes (tests compare them on thousands of random
 requests, and both against IEEE/NIST vectors, pyca and the openssl CLI):
 
-- :mod:`.reference`: pyca ``cryptography``, one XTS cipher object per sector.
-- :mod:`.openssl`: the system libcrypto through ctypes (:mod:`.evp`), pooled
-  keyed workers (:mod:`.workers`), and for large 512-byte-sector requests a
-  numpy bulk path (:mod:`.bulk`).
+- the compiled engine, ``Xts`` of :mod:`blockcrypt.crypto._datapath` (C,
+  libcrypto's EVP API, the GIL released), loaded by :mod:`..compiled`;
+- :mod:`.reference`: pyca ``cryptography``, one XTS cipher object per sector,
+  the fallback (with a loud warning) when the extension cannot be loaded.
 
-:class:`XtsCipher` (:mod:`.cipher`) checks requests and picks OpenSslXts when
-libcrypto loads, else the reference.  :mod:`.params` holds what they share.
-The issue on the compiled data path replaces these engines; until then they
-are kept as they were measured, not reworked.
+:class:`XtsCipher` (:mod:`.cipher`) checks requests and picks the engine;
+:mod:`.params` holds what they share.
 """
 from __future__ import annotations
 
-from .cipher import XtsCipher
-from .evp import libcrypto
-from .openssl import OpenSslXts
-from .params import (
-    BULK_CHUNK_SECTORS,
-    BULK_MIN_SECTORS,
-    CIPHER_NAME,
-    IV_SECTOR_BYTES,
-    KEY_BYTES,
-    MAX_TWEAK,
-)
+from .cipher import ENGINES, XtsCipher
+from .params import CIPHER_NAME, IV_SECTOR_BYTES, KEY_BYTES, MAX_TWEAK
 from .reference import ReferenceXts, xts_decrypt_unit, xts_encrypt_unit
 
-__all__ = ["BULK_CHUNK_SECTORS", "BULK_MIN_SECTORS", "CIPHER_NAME", "IV_SECTOR_BYTES",
-           "KEY_BYTES", "MAX_TWEAK", "OpenSslXts", "ReferenceXts", "XtsCipher", "libcrypto",
-           "xts_decrypt_unit", "xts_encrypt_unit"]
+__all__ = ["CIPHER_NAME", "ENGINES", "IV_SECTOR_BYTES", "KEY_BYTES", "MAX_TWEAK",
+           "ReferenceXts", "XtsCipher", "xts_decrypt_unit", "xts_encrypt_unit"]

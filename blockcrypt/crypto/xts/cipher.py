@@ -1,18 +1,20 @@
 """The public AES-256-XTS cipher (:class:`XtsCipher`): request checks, engine
-choice (OpenSSL when libcrypto loads, else the reference) and wipe.
+choice (the compiled engine, else the reference with a loud warning) and wipe.
 
-Owns the API the data path calls and the validation of every request; the
-bytes are computed by an engine (:mod:`.openssl` or :mod:`.reference`).
+Owns the API callers use and the validation of every request; the bytes are
+computed by the compiled extension (:mod:`blockcrypt.crypto._datapath`, EVP
+through libcrypto) or by :mod:`.reference` (pyca).
 """
 from __future__ import annotations
 
 from ... import errors
 from ...constants import is_sector_size
+from .. import compiled
 from ..secret import Secret
-from .evp import libcrypto
-from .openssl import OpenSslXts
 from .params import CIPHER_NAME, IV_SECTOR_BYTES, MAX_TWEAK, check_key, wiped
 from .reference import ReferenceXts
+
+ENGINES = ("auto", "compiled", "reference")
 
 
 class XtsCipher:
@@ -21,10 +23,14 @@ class XtsCipher:
     ``sector_index`` is the index of the buffer's first sector in units of
     ``sector_size`` from the start of the data area; sector i has tweak
     ``i * (sector_size // 512)``.  ``dst`` may be ``src`` (in place) but must not
-    partially overlap it.  Thread-safe.  The cipher keeps its own mlocked copy
-    of the key (OpenSSL keeps expanded key schedules, cleansed on wipe);
-    :meth:`wipe` overwrites both.  ``engine`` is "auto" (OpenSSL if libcrypto
-    loads, else the reference), "openssl" or "reference".
+    partially overlap it.  Thread-safe; the compiled engine releases the GIL.
+
+    The compiled engine copies the key straight from ``key`` into a page of its
+    own (mlocked, MADV_DONTDUMP, cleansed by :meth:`wipe`) and keys a fresh EVP
+    context per request, freed (cleansed) before the request returns; the caller
+    may wipe ``key`` as soon as the constructor returns.  ``engine`` is "auto"
+    (compiled when it loads, else the reference, with a warning on stderr),
+    "compiled" or "reference".
     """
 
     def __init__(self, key: Secret, sector_size: int, *, engine: str = "auto"):
@@ -35,32 +41,31 @@ class XtsCipher:
         if not is_sector_size(sector_size):
             raise errors.InvalidInput(
                 detail=f"XTS sector size {sector_size!r} is not supported (use 512 or 4096)")
-        if engine not in ("auto", "openssl", "reference"):
+        if engine not in ENGINES:
             raise errors.InvalidInput(detail=f"unknown XTS engine {engine!r}")
         check_key(key.view())
         self.sector_size = sector_size
         self._tweak_step = sector_size // IV_SECTOR_BYTES
-        self._end_sector = MAX_TWEAK // self._tweak_step + 1   # first index out of range
-        self._key = Secret(key.view())
-        lib = libcrypto() if engine != "reference" else None
-        if engine == "openssl" and lib is None:
-            self._key.wipe()
+        dp = compiled.datapath() if engine != "reference" else None
+        if engine == "compiled" and dp is None:
             raise errors.EnvironmentProblem(
-                detail="the system libcrypto (OpenSSL) cannot be loaded; "
-                       "install it with `apt-get install libssl3`")
-        if lib is not None:
-            self._engine = OpenSslXts(self._key.view(), sector_size, lib)
+                detail=f"the compiled data path cannot be loaded ({compiled.why_missing()}); "
+                       "reinstall blockcrypt with gcc, python3-dev and libssl-dev (make install)")
+        self._key: Secret | None = None
+        self.xts = None              # the compiled cipher (the backend's Disk uses it)
+        if dp is not None:
+            self.xts = dp.Xts(key.view(), sector_size)
+            self._wiped_error = dp.WipedError
+            self._engine = self.xts.crypt
+            self.engine_name = "compiled"
         else:
-            self._engine = ReferenceXts(self._key.view(), sector_size)
-        self.engine_name = self._engine.name
-        # The per-request path: OpenSslXts binds a lean version of
-        # crypt_in_place (an instance attribute, found before the method).
-        fast = getattr(self._engine, "fast_paths", None)
-        fast = fast(self._checked_crypt_in_place) if fast is not None else None
-        if fast is not None:
-            self.crypt_in_place, self.crypt_at = fast
-        else:
-            self.crypt_at = None
+            if engine == "auto":
+                compiled.warn_slow("AES-256-XTS")
+            self._key = Secret(key.view())            # pyca needs the key on every call
+            self._reference = ReferenceXts(self._key.view(), sector_size)
+            self._wiped_error = ()
+            self._engine = self._reference.crypt_into
+            self.engine_name = "reference"
 
     def _run(self, src, dst, sector_index: int, encrypt: bool) -> None:
         try:
@@ -70,23 +75,25 @@ class XtsCipher:
             raise errors.InvalidInput(detail=f"XTS needs bytes-like buffers: {exc}") from None
         nbytes = src_view.nbytes
         ss = self.sector_size
-        # One combined test on the hot path; _check names what is wrong.
         if (dst_view.readonly or nbytes % ss or dst_view.nbytes != nbytes
                 or not (src_view.c_contiguous and dst_view.c_contiguous)
                 or type(sector_index) is not int or sector_index < 0
                 or (sector_index + (nbytes // ss or 1) - 1) * self._tweak_step > MAX_TWEAK):
             self._check(src_view, dst_view, sector_index)
             sector_index = int(sector_index)          # an int subclass passed the checks
-        self._dispatch(src_view, dst_view, nbytes, sector_index, encrypt)
+        self._dispatch(src_view, dst_view, sector_index, encrypt)
 
-    def _dispatch(self, src: memoryview, dst: memoryview, nbytes: int, sector_index: int,
+    def _dispatch(self, src: memoryview, dst: memoryview, sector_index: int,
                   encrypt: bool) -> None:
         """Hand a checked request to the engine (StateError once wiped)."""
-        engine = self._engine
-        if engine is None:
+        if self._engine is None:
             raise wiped()
-        if nbytes:
-            engine.crypt_into(src, dst, nbytes, sector_index * self._tweak_step, encrypt)
+        try:
+            self._engine(src, dst, sector_index, encrypt)
+        except self._wiped_error:
+            raise wiped() from None
+        except ValueError as exc:     # the compiled engine's checks (partial overlap)
+            raise errors.InvalidInput(detail=str(exc)) from None
 
     def _check(self, src_view: memoryview, dst_view: memoryview, sector_index) -> None:
         """Raise InvalidInput naming the first thing wrong with a request."""
@@ -123,33 +130,14 @@ class XtsCipher:
         self._run(src, dst, sector_index, False)
 
     def crypt_in_place(self, buf: memoryview, sector_index: int, encrypt: bool) -> None:
-        """Encrypt (or decrypt) whole sectors of ``buf`` in place.
-
-        The same bytes as ``encrypt_into(buf, buf, sector_index)``, for the
-        backend's per-request path: ``buf`` must already be a writable,
-        contiguous memoryview of bytes (format "B"), which saves making and
-        checking views (a measurable part of a 4 KiB request).  Anything else
-        raises InvalidInput, as the other methods do.  With the OpenSSL engine
-        an instance attribute replaces this method
-        (:meth:`OpenSslXts.fast_paths`); both give the same results
-        and errors.
-        """
-        self._checked_crypt_in_place(buf, sector_index, encrypt)
-
-    def _checked_crypt_in_place(self, buf: memoryview, sector_index: int,
-                                encrypt: bool) -> None:
-        """:meth:`crypt_in_place` through the generic checks and engine call."""
-        ss = self.sector_size
-        nbytes = len(buf) if type(buf) is memoryview else -1
-        if (nbytes % ss or buf.readonly or not buf.c_contiguous or buf.format != "B"
-                or type(sector_index) is not int or sector_index < 0
-                or sector_index + nbytes // ss > self._end_sector):
-            if type(buf) is not memoryview or buf.format != "B":
-                raise errors.InvalidInput(
-                    detail="crypt_in_place needs a memoryview of bytes (format 'B')")
-            self._check(buf, buf, sector_index)
-            sector_index = int(sector_index)          # an int subclass passed the checks
-        self._dispatch(buf, buf, nbytes, sector_index, encrypt)
+        """Encrypt (or decrypt) whole sectors of ``buf`` in place: the same bytes
+        as ``encrypt_into(buf, buf, sector_index)``.  ``buf`` must be a
+        writable, contiguous memoryview of bytes (format "B"); anything else
+        raises InvalidInput, as the other methods do."""
+        if type(buf) is not memoryview or buf.format != "B":
+            raise errors.InvalidInput(
+                detail="crypt_in_place needs a memoryview of bytes (format 'B')")
+        self._run(buf, buf, sector_index, encrypt)
 
     def encrypt(self, data, sector_index: int) -> bytearray:
         out = bytearray(memoryview(data).nbytes)
@@ -161,17 +149,19 @@ class XtsCipher:
         self._run(data, out, sector_index, False)
         return out
 
-    def wipe(self) -> None:
-        """Free OpenSSL contexts (cleansing key schedules) and overwrite the key copy.
+    @property
+    def wiped(self) -> bool:
+        return self._engine is None
 
-        Requests already running in other threads finish with their worker's
-        contexts, which are freed as the worker is returned; later calls
-        raise StateError.
-        """
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            engine.close()
-        self._key.wipe()
+    def wipe(self) -> None:
+        """Cleanse the key (the compiled engine waits for running requests);
+        later calls raise StateError."""
+        self._engine = None
+        if self.xts is not None:
+            self.xts.wipe()
+        if self._key is not None:
+            self._reference.close()
+            self._key.wipe()
 
     def __del__(self):
         try:
@@ -182,3 +172,4 @@ class XtsCipher:
     def __repr__(self) -> str:
         state = "wiped" if self._engine is None else self.engine_name
         return f"<XtsCipher {CIPHER_NAME} sector_size={self.sector_size} {state}>"
+

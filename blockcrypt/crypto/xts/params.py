@@ -1,5 +1,5 @@
 """What every XTS engine shares: the cipher's name and sizes, the tweak range,
-the bulk-path thresholds, the data-key check and the "wiped" error.
+the data-key check and the "wiped" error.
 
 Owns only constants and the two checks; no engine code, no libcrypto.
 """
@@ -14,13 +14,6 @@ CIPHER_NAME = CIPHER_XTS
 KEY_BYTES = DK_BYTES
 IV_SECTOR_BYTES = 512          # plain64 counts the tweak in 512-byte units
 MAX_TWEAK = 2**64 - 1          # plain64: 64-bit little-endian sector number
-
-# Bulk path for 512-byte sectors, measured on the project machines: below ~48
-# sectors (24 KiB) the per-sector EVP loop (~0.7 us/sector) beats the bulk
-# path (~20 us fixed + ~0.3 us/sector); chunks of 512 sectors (256 KiB) reach
-# ~1.4 GB/s per core and bound the scratch memory to ~0.8 MiB per worker.
-BULK_MIN_SECTORS = 48
-BULK_CHUNK_SECTORS = 512
 
 
 def check_key(key: bytes | bytearray | memoryview) -> memoryview:

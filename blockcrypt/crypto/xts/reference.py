@@ -36,7 +36,7 @@ def xts_decrypt_unit(key, tweak16: bytes, data) -> bytes:
 class ReferenceXts:
     """pyca XTS, one Cipher object per sector: slow, obviously correct.
 
-    ``crypt_into(src, dst, nbytes, tweak, encrypt)`` works on buffers already
+    ``crypt_into(src, dst, sector_index, encrypt)`` works on buffers already
     validated by :class:`~.cipher.XtsCipher`; ``dst`` may be ``src``.  Stateless
     apart from the key, hence thread-safe.
     """
@@ -48,12 +48,14 @@ class ReferenceXts:
         self._sector_size = sector_size
         self._tweak_step = sector_size // IV_SECTOR_BYTES
 
-    def crypt_into(self, src: memoryview, dst: memoryview, nbytes: int, tweak: int,
+    def crypt_into(self, src: memoryview, dst: memoryview, sector_index: int,
                    encrypt: bool) -> None:
         key = self._key
         if key is None:
             raise wiped()
         src, dst = src.cast("B"), dst.cast("B")
+        nbytes = src.nbytes
+        tweak = sector_index * self._tweak_step
         aes = algorithms.AES(key)
         size = self._sector_size
         for offset in range(0, nbytes, size):

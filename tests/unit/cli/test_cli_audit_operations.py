@@ -67,6 +67,7 @@ OPERATIONS = [
 def test_every_operation_is_audited_with_who_and_what(bc, tmp_path, operation, objects, ok,
                                                       refusal):
     (tmp_path / "new").write_text("another passphrase 123\n")
+    (tmp_path / "new").chmod(0o600)              # secret files must be private
     fill = [a.replace("{tmp}", str(tmp_path)) for a in ok]
     before = records(bc)
     ids_before = {o["name"]: o["id"] for r in before for o in r.get("objects", [])

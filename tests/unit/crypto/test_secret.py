@@ -145,3 +145,27 @@ def test_wipe_from_a_finalizer_inside_the_page_lock_section_does_not_deadlock():
     if locked:
         for p in pages:
             assert mod._page_locks.get(p, 0) == counts[p] - 1
+
+
+def vm_flags_at(address: int) -> set[str]:
+    """The VmFlags of the mapping of this process that holds ``address``."""
+    region = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                start, end = (int(x, 16) for x in first.split("-"))
+                region = start <= address < end
+            elif first == "VmFlags:" and region:
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_locked_pages_are_left_out_of_core_dumps():
+    """A locked secret's pages are also MADV_DONTDUMP ("dd" in smaps), and "lo"."""
+    require(os.geteuid() == 0, "only root may always mlock (no RLIMIT_MEMLOCK)")
+    import ctypes
+    s = Secret.random(64)
+    addr = ctypes.addressof((ctypes.c_char * 64).from_buffer(s._buf))
+    assert {"lo", "dd"} <= vm_flags_at(addr)
+    s.wipe()

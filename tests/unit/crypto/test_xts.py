@@ -1,12 +1,13 @@
-"""Tests of the AES-256-XTS sector cipher (blockcrypt/crypto/xts/).
+"""Tests of the AES-256-XTS sector cipher (blockcrypt/crypto/xts/ and the
+compiled engine, Xts of blockcrypt/crypto/_datapath_src/xts.c).
 
-Known answers come from IEEE 1619-2007 Annex B and NIST CAVP XTSGenAES256
-(files under tests/data/xts/, sources in their headers).  The cipher is also
-checked against pyca's XTS per sector, against the openssl command line (its
-AES-256-ECB composed with the IEEE 1619 equations written out in plain Python,
-because OpenSSL 3.0's `openssl enc` refuses XTS), and the fast engine against
-the reference engine on thousands of random requests, in place, from several
-threads, and across wipe().
+Known answers come from IEEE 1619-2007 Annex B (tests/data/xts/) and NIST CAVP
+XTSGenAES256, complete, from the PyPI package cryptography-vectors.  The
+cipher is also checked against pyca's XTS per sector, against the openssl
+command line (its AES-256-ECB composed with the IEEE 1619 equations written out
+in plain Python, because OpenSSL 3.0's `openssl enc` refuses XTS), and the
+compiled engine against the reference engine on thousands of random requests,
+in place, from several threads, and across wipe().
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ from hypothesis import strategies as st
 
 from blockcrypt import errors
 from blockcrypt.constants import SECTOR_SIZES
-from blockcrypt.crypto import xts
+from blockcrypt.crypto import compiled, xts
+from blockcrypt.crypto.compiled import datapath
 from blockcrypt.crypto.secret import Secret
-from blockcrypt.crypto.xts import evp
 
 from support.cli import REPO
-from support.prereq import require_tools
+from support.prereq import require, require_tools
 
 DATA = REPO / "tests" / "data" / "xts"
 
@@ -47,9 +48,42 @@ def _records(path: Path) -> list[dict[str, str]]:
     return out
 
 
+def _nist_file() -> Path:
+    import cryptography_vectors
+    return (Path(cryptography_vectors.__file__).parent / "ciphers" / "AES" / "XTS"
+            / "tweak-128hexstr" / "XTSGenAES256.rsp")
+
+
+def _nist_records() -> list[dict[str, str]]:
+    """Every record of NIST's XTSGenAES256.rsp, tagged with its section."""
+    out, section = [], None
+    for block in _nist_file().read_text().split("\n\n"):
+        for line in block.splitlines():
+            if line.strip() in ("[ENCRYPT]", "[DECRYPT]"):
+                section = line.strip()[1:-1]
+        recs = _records_text(block)
+        for r in recs:
+            r["section"] = section
+        out += recs
+    return out
+
+
+def _records_text(text: str) -> list[dict[str, str]]:
+    fields = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " = " not in line:
+            continue
+        name, value = line.split(" = ", 1)
+        fields[name.strip()] = value.strip()
+    return [fields] if fields else []
+
+
 IEEE = _records(DATA / "ieee1619-2007-annexB-aes256.txt")
-NIST = [r for r in _records(DATA / "XTSGenAES256-excerpt.rsp")
-        if int(r["DataUnitLen"]) % 128 == 0]
+NIST_ALL = _nist_records()
+# OpenSSL's (and pyca's) XTS works on whole bytes: the 140- and 250-bit data
+# units of the file (400 of its 1000 records) cannot be expressed and are left
+# out; the 256- and 384-bit ones (600 records) all run.
+NIST = [r for r in NIST_ALL if int(r["DataUnitLen"]) % 8 == 0]
 
 
 def pyca_sector(key: bytes, tweak: int, data: bytes, encrypt: bool = True) -> bytes:
@@ -79,6 +113,9 @@ def test_vector_files_are_complete():
     assert {int(r["DataUnitLen"]) for r in NIST} == {256, 384}
 
 
+ENGINES = ["compiled", "reference"]
+
+
 @pytest.mark.parametrize("vec", IEEE, ids=lambda r: f"ieee-{r['Vector']}")
 def test_ieee1619_annex_b(vec):
     key = bytes.fromhex(vec["Key"])
@@ -89,15 +126,16 @@ def test_ieee1619_annex_b(vec):
     assert xts.xts_decrypt_unit(key, tweak16, ct) == pt
     # The same vectors through the sector API, both engines: a 512-byte sector's
     # index IS its data unit sequence number (plain64).
-    for engine in ("openssl", "reference"):
+    for engine in ENGINES:
         c = xts.XtsCipher(Secret(key), 512, engine=engine)
+        assert c.engine_name == engine
         assert bytes(c.encrypt(pt, seq_no)) == ct
         assert bytes(c.decrypt(ct, seq_no)) == pt
-        # ... as the second sector of a two-sector request (per-sector path),
+        # ... as the second sector of a two-sector request,
         two = c.encrypt(bytes(512) + pt, seq_no - 1)
         assert bytes(two[512:]) == ct
-        # ... and as sector 25 of a request long enough for the bulk path.
-        many = bytearray(os.urandom((xts.BULK_MIN_SECTORS + 12) * 512))
+        # ... and as sector 25 of a 60-sector request, in place.
+        many = bytearray(os.urandom(60 * 512))
         many[25 * 512:26 * 512] = pt
         c.encrypt_into(many, many, seq_no - 25)
         assert bytes(many[25 * 512:26 * 512]) == ct
@@ -105,147 +143,40 @@ def test_ieee1619_annex_b(vec):
         assert bytes(many[25 * 512:26 * 512]) == pt
 
 
-@pytest.mark.parametrize("vec", NIST, ids=lambda r: f"nist-{r['COUNT']}")
-def test_nist_xtsgenaes256(vec):
-    key = bytes.fromhex(vec["Key"])
-    tweak16 = bytes.fromhex(vec["i"])
-    pt, ct = bytes.fromhex(vec["PT"]), bytes.fromhex(vec["CT"])
-    assert len(pt) * 8 == int(vec["DataUnitLen"])
-    assert xts.xts_encrypt_unit(key, tweak16, pt) == ct
-    assert xts.xts_decrypt_unit(key, tweak16, ct) == pt
+def test_nist_file_is_complete():
+    """The whole CAVP file is read: 1000 records, 500 per direction, and the
+    600 whole-byte ones are what runs."""
+    assert len(NIST_ALL) == 1000
+    assert sum(r["section"] == "ENCRYPT" for r in NIST_ALL) == 500
+    assert {int(r["DataUnitLen"]) for r in NIST_ALL} == {140, 250, 256, 384}
+    assert len(NIST) == 600 and {int(r["DataUnitLen"]) for r in NIST} == {256, 384}
 
 
-# -- known answers on every engine path ------------------------------------------------
-#
-# Which vector runs where, and why:
-# - IEEE 1619-2007 vectors 10-14 are 512-byte data units whose tweak is the data
-#   unit sequence number (0xff .. 0xffffffffff) as a 128-bit little-endian
-#   integer: exactly a 512-byte sector's plain64 tweak.  They run through every
-#   engine path that serves 512-byte sectors (ENGINE_PATHS), with the vector's
-#   sector alone, in the middle of a short request, as the last sector of the
-#   smallest bulk request, and on either side of a bulk chunk boundary
-#   (positions 511 and 512 need a sequence number >= 512, so vector 10, 0xff,
-#   skips those two).
-# - The NIST XTSGenAES256 excerpt has 256- and 384-bit data units and arbitrary
-#   128-bit tweaks: no sector size or 64-bit sector number fits them.  They run
-#   through the unit-level functions instead: pyca's (the reference engine's
-#   xts_encrypt_unit, test_nist_xtsgenaes256) and the libcrypto EVP calls the
-#   OpenSSL engine is built from (test_nist_vectors_through_the_evp_bindings),
-#   with the tweak set by EVP_CipherInit_ex and written through the live IV.
-# - No published vector has a 4096-byte data unit; the 4096-byte paths are
-#   checked against pyca and the openssl command line below.
-
-def _fail_fallback(buf, sector_index, encrypt):
-    raise AssertionError("the fast path handed a known-answer request to the generic path")
-
-
-def _engine_path(path: str, key: bytes, monkeypatch):
-    """``(crypt(buf, first_sector, encrypt), max_sectors, engine)`` for one
-    engine path, 512-byte sectors; ``crypt`` works in place on a bytearray."""
-    import ctypes
-    key_view = memoryview(bytearray(key))
-    if path == "reference":
-        eng = xts.ReferenceXts(key_view, 512)
-        return (lambda buf, first, enc: eng.crypt_into(memoryview(buf), memoryview(buf),
-                                                       len(buf), first, enc)), None, eng
-    if path == "auto":
-        c = xts.XtsCipher(Secret(key), 512, engine="auto")
-        assert c.engine_name == "openssl"
-        return ((lambda buf, first, enc: (c.encrypt_into if enc else c.decrypt_into)(
-            buf, buf, first)), None, c)
-    lib = evp.libcrypto()
-    if path == "openssl-init-iv":                  # EVP_CipherInit_ex per sector
-        monkeypatch.setattr(lib, "live_iv_works", False)
-    eng = xts.OpenSslXts(key_view, 512, lib)
-    if path in ("openssl-live-iv", "openssl-init-iv"):
-        return (lambda buf, first, enc: eng.crypt_into(memoryview(buf), memoryview(buf),
-                                                       len(buf), first, enc)), None, eng
-    in_place, at = eng.fast_paths(_fail_fallback)
-    below_bulk = xts.BULK_MIN_SECTORS - 1          # the fast paths' largest request
-    if path == "openssl-fast-in-place":
-        return (lambda buf, first, enc: in_place(memoryview(buf), first, enc)), below_bulk, eng
-    assert path == "openssl-fast-at"
-    return ((lambda buf, first, enc: at(ctypes.addressof(ctypes.c_char.from_buffer(buf)),
-                                        len(buf), first, enc)), below_bulk, eng)
-
-
-ENGINE_PATHS = ["reference", "openssl-live-iv", "openssl-init-iv", "openssl-fast-in-place",
-                "openssl-fast-at", "auto"]
-# (sectors in the request, position of the vector's sector in it)
-LAYOUTS = [(1, 0), (3, 1), (xts.BULK_MIN_SECTORS, xts.BULK_MIN_SECTORS - 1),
-           (xts.BULK_CHUNK_SECTORS + 8, xts.BULK_CHUNK_SECTORS - 1),
-           (xts.BULK_CHUNK_SECTORS + 8, xts.BULK_CHUNK_SECTORS)]
-
-
-@pytest.mark.parametrize("path", ENGINE_PATHS)
-@pytest.mark.parametrize("vec", IEEE, ids=lambda r: f"ieee-{r['Vector']}")
-def test_ieee_vectors_on_every_engine_path(vec, path, monkeypatch):
-    """Each IEEE 512-byte vector through each engine path of blockcrypt's own
-    engines (not only pyca): the reference engine, the OpenSSL engine's generic
-    path with the tweak written into the live IV and set per sector by
-    EVP_CipherInit_ex, its two per-request fast entry points, its numpy bulk
-    path (requests of >= BULK_MIN_SECTORS sectors, which must be taken), and
-    XtsCipher with engine="auto".  See the comment above for the vector choice."""
-    from blockcrypt.crypto.xts import bulk
-    key = bytes.fromhex(vec["Key"])
-    seq_no = int(vec["DataUnitSeqNo"], 16)
-    pt, ct = bytes.fromhex(vec["PT"]), bytes.fromhex(vec["CT"])
-    bulk_calls = []
-    real_bulk = bulk.bulk_512
-    monkeypatch.setattr(bulk, "bulk_512", lambda *a: (bulk_calls.append(1), real_bulk(*a)))
-    crypt, max_sectors, eng = _engine_path(path, key, monkeypatch)
-    ran = 0
-    for n, k in LAYOUTS:
-        if k > seq_no or (max_sectors is not None and n > max_sectors):
-            continue
-        ran += 1
-        data = bytearray(os.urandom(n * 512))
-        data[k * 512:(k + 1) * 512] = pt
-        buf = bytearray(data)
-        bulk_calls.clear()
-        crypt(buf, seq_no - k, True)
-        assert bytes(buf[k * 512:(k + 1) * 512]) == ct, (n, k)
-        takes_bulk = n >= xts.BULK_MIN_SECTORS and path != "reference"
-        assert bool(bulk_calls) == takes_bulk, (n, k)
-        crypt(buf, seq_no - k, False)
-        assert buf == data, (n, k)
-    assert ran == (2 if max_sectors else 3 if seq_no < 512 else 5)
-    if path == "openssl-init-iv":                  # really the per-sector-init way
-        assert eng._workers and all(iv is None for st in eng._workers
-                                    for _, iv in st.xts.values())
-    (eng.wipe if path == "auto" else eng.close)()
-
-
-@pytest.mark.parametrize("vec", NIST, ids=lambda r: f"nist-{r['COUNT']}")
-def test_nist_vectors_through_the_evp_bindings(vec):
-    """The NIST vectors (data units of 32 and 48 bytes, 128-bit tweaks) through
-    the libcrypto calls the OpenSSL engine is made of: an XTS context keyed by
-    LibCrypto.new_ctx, the tweak set by EVP_CipherInit_ex, then (where the live
-    IV works, as on these machines) written straight into the context's IV,
-    all 128 bits of it, and one EVP_CipherUpdate."""
-    import ctypes
-    lib = evp.libcrypto()
-    key = (ctypes.c_char * 64).from_buffer_copy(bytes.fromhex(vec["Key"]))
-    tweak16 = bytes.fromhex(vec["i"])
-    pt, ct = bytes.fromhex(vec["PT"]), bytes.fromhex(vec["CT"])
-    out = (ctypes.c_char * len(pt))()
-    outl = ctypes.c_int()
-    assert lib.live_iv_works
-    for encrypt, src, want in ((True, pt, ct), (False, ct, pt)):
-        ctx = lib.new_ctx(lib.aes_256_xts, ctypes.addressof(key), encrypt)
-        try:
-            iv = (ctypes.c_char * 16).from_buffer_copy(tweak16)
-            assert lib.init(ctx, None, None, None, ctypes.addressof(iv), -1) == 1
-            assert lib.update(ctx, out, ctypes.byref(outl), src, len(src)) == 1
-            assert (outl.value, out.raw) == (len(src), want)
-            live = lib.live_iv(ctx)                # resets the IV to zero, then ...
-            live[0] = int.from_bytes(tweak16[:8], "little")
-            live[1] = int.from_bytes(tweak16[8:], "little")
-            out[:] = bytes(len(src))
-            assert lib.update(ctx, out, ctypes.byref(outl), src, len(src)) == 1
-            assert out.raw == want
-        finally:
-            lib.free_ctx(ctx)
+def test_nist_xtsgenaes256_all_whole_byte_vectors():
+    """All 600 whole-byte NIST vectors (32- and 48-byte data units, arbitrary
+    128-bit tweaks) through pyca (the reference engine's unit function) and
+    through the compiled engine's EVP calls (Xts.crypt_unit: the same keyed
+    context, per-unit IV and update as its sector loop).  ENCRYPT records are
+    checked PT -> CT, DECRYPT records CT -> PT.  No sector size fits these
+    units, so the sector paths get the IEEE vectors and pyca/openssl checks."""
+    dp = datapath()
+    failures = []
+    for r in NIST:
+        key = bytes.fromhex(r["Key"])
+        tweak16 = bytes.fromhex(r["i"])
+        pt, ct = bytes.fromhex(r["PT"]), bytes.fromhex(r["CT"])
+        assert len(pt) * 8 == int(r["DataUnitLen"])
+        engine = dp.Xts(key, 512)
+        if r["section"] == "ENCRYPT":
+            got = (xts.xts_encrypt_unit(key, tweak16, pt), engine.crypt_unit(tweak16, pt, True))
+            want = ct
+        else:
+            got = (xts.xts_decrypt_unit(key, tweak16, ct), engine.crypt_unit(tweak16, ct, False))
+            want = pt
+        engine.wipe()
+        if got != (want, want):
+            failures.append(r["COUNT"] + r["section"])
+    assert failures == []
 
 
 # -- validation --------------------------------------------------------------------
@@ -312,10 +243,11 @@ def test_refuses_bad_buffers_and_indexes(sector_size):
     assert c.encrypt(b"", 5) == bytearray()
 
 
-def test_wipe_zeroes_own_copy_and_disables():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_wipe_zeroes_own_copy_and_disables(engine):
     key = random_key()
-    c = xts.XtsCipher(key, 4096)
-    own = c._key
+    c = xts.XtsCipher(key, 4096, engine=engine)
+    own = c.xts if engine == "compiled" else c._key
     c.wipe()
     assert own.wiped
     assert not key.wiped                      # the caller's secret is the caller's
@@ -462,40 +394,36 @@ def test_multi_sector_equals_concatenated_sectors(sector_size, n_sectors, index,
     assert bytes(whole) == parts
 
 
-# -- fast engine vs reference -------------------------------------------------------
+# -- compiled engine vs reference -----------------------------------------------------
 
 def _engines(key: Secret, sector_size: int):
-    fast = xts.XtsCipher(key, sector_size, engine="openssl")
+    fast = xts.XtsCipher(key, sector_size, engine="compiled")
     ref = xts.XtsCipher(key, sector_size, engine="reference")
-    assert (fast.engine_name, ref.engine_name) == ("openssl", "reference")
+    assert (fast.engine_name, ref.engine_name) == ("compiled", "reference")
     return fast, ref
 
 
-def test_auto_engine_is_openssl_here():
-    """The machines this project runs on have libcrypto: the fast path is the default."""
-    assert xts.libcrypto() is not None
-    assert xts.XtsCipher(random_key(), 512).engine_name == "openssl"
+def test_auto_engine_is_compiled_here():
+    """`pip install` built the extension: the compiled engine is the default."""
+    assert datapath() is not None
+    assert xts.XtsCipher(random_key(), 512).engine_name == "compiled"
 
 
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
-def test_fast_matches_reference_on_random_requests(sector_size):
+def test_compiled_matches_reference_on_random_requests(sector_size):
     """Thousands of random (sector_index, n_sectors) pairs, both directions."""
     rng = random.Random(7 + sector_size)
     key = random_key()
     fast, ref = _engines(key, sector_size)
     step = sector_size // 512
     last = (2**64 - 1) // step
-    bulk = xts.BULK_MIN_SECTORS
-    chunk = xts.BULK_CHUNK_SECTORS
-    pool = os.urandom((2 * chunk + 40) * 512 if sector_size == 512 else 12 * 4096)
+    pool = os.urandom(1100 * 512 if sector_size == 512 else 12 * 4096)
     max_sectors = len(pool) // sector_size
     for _ in range(2000 if sector_size == 4096 else 1200):
-        if sector_size == 512 and rng.random() < 0.1:
-            # around the per-sector/bulk switch and the bulk chunk boundary
-            n = rng.choice([bulk - 1, bulk, bulk + 1, chunk - 1, chunk, chunk + 1,
-                            2 * chunk + 1, max_sectors])
+        if rng.random() < 0.05:
+            n = min(max_sectors, rng.choice([max_sectors, max_sectors - 1, 64, 65]))
         else:
-            n = min(max_sectors, rng.randint(1, 3 * bulk if rng.random() < 0.2 else 8))
+            n = min(max_sectors, rng.randint(1, 150 if rng.random() < 0.2 else 8))
         index = rng.choice([rng.randrange(2**16), rng.randrange(2**32 - 300, 2**32 + 300),
                             rng.randrange(2**33, 2**50), rng.randrange(last - n + 1),
                             last - n + 1])
@@ -507,7 +435,7 @@ def test_fast_matches_reference_on_random_requests(sector_size):
 
 
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
-def test_fast_in_place_and_views(sector_size):
+def test_compiled_in_place_and_views(sector_size):
     key = random_key()
     fast, ref = _engines(key, sector_size)
     for n in (1, 3, 40, 300):
@@ -531,14 +459,14 @@ def test_fast_in_place_and_views(sector_size):
         assert bytes(dst) == data
 
 
-@pytest.mark.parametrize("engine", ["openssl", "reference"])
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_crypt_in_place_matches_encrypt_into(sector_size, engine):
     key = random_key()
     c = xts.XtsCipher(key, sector_size, engine=engine)
     ref = xts.XtsCipher(key, sector_size, engine="reference")
     last = (2**64 - 1) // (sector_size // 512)
-    for n in (1, 2, 7, xts.BULK_MIN_SECTORS * 512 // sector_size + 1):
+    for n in (1, 2, 7, 49):
         for index in (0, 2**32 - 1, last - n + 1):
             data = os.urandom(n * sector_size)
             big = bytearray(sector_size) + bytearray(data) + bytearray(sector_size)
@@ -550,8 +478,9 @@ def test_crypt_in_place_matches_encrypt_into(sector_size, engine):
             assert bytes(view) == data
 
 
-def test_crypt_in_place_refusals():
-    c = xts.XtsCipher(random_key(), 512)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_crypt_in_place_refusals(engine):
+    c = xts.XtsCipher(random_key(), 512, engine=engine)
     good = memoryview(bytearray(1024))
     for buf, index in [(bytearray(1024), 0),                       # not a memoryview
                        (good.cast("Q"), 0),                         # not bytes
@@ -568,24 +497,78 @@ def test_crypt_in_place_refusals():
         c.crypt_in_place(good, 0, True)
 
 
-def test_fast_refuses_partial_overlap():
-    fast = xts.XtsCipher(random_key(), 512, engine="openssl")
+def test_compiled_refuses_partial_overlap():
+    fast = xts.XtsCipher(random_key(), 512, engine="compiled")
     buf = bytearray(4 * 512)
     with pytest.raises(errors.InvalidInput, match="overlap"):
         fast.encrypt_into(memoryview(buf)[:1024], memoryview(buf)[512:1536], 0)
     assert buf == bytearray(4 * 512)
 
 
-def test_fast_refuses_non_contiguous():
-    fast = xts.XtsCipher(random_key(), 512, engine="openssl")
+def test_compiled_refuses_non_contiguous():
+    fast = xts.XtsCipher(random_key(), 512, engine="compiled")
     buf = bytearray(4096)
     with pytest.raises(errors.InvalidInput, match="contiguous"):
         fast.encrypt_into(memoryview(buf)[::2], bytearray(2048), 0)
 
 
+def test_compiled_key_lives_in_a_locked_dontdump_page():
+    """The compiled cipher's key page: mlocked ("lo"), MADV_DONTDUMP ("dd"),
+    holding exactly K1 || K2, unmapped once wiped."""
+    require(os.geteuid() == 0, "only root may always mlock (no RLIMIT_MEMLOCK)")
+    import ctypes
+
+    from test_secret import vm_flags_at
+    key = random_key()
+    c = xts.XtsCipher(key, 4096)
+    addr = c.xts.key_address
+    assert c.xts.locked and c.xts.dontdump and addr % 4096 == 0
+    # AddressSanitizer's mlock interceptor does nothing (make test-sanitize loads
+    # such a build): there only MADV_DONTDUMP shows.
+    sanitized = bool(os.environ.get(compiled.OVERRIDE_ENV))
+    assert ({"dd"} if sanitized else {"lo", "dd"}) <= vm_flags_at(addr)
+    assert ctypes.string_at(addr, 64) == key.reveal()
+    c.wipe()
+    assert c.xts.key_address is None
+    with pytest.raises(AssertionError, match="no mapping"):   # cleansed and unmapped
+        vm_flags_at(addr)
+
+
+def test_compiled_module_checks_its_own_arguments():
+    """The extension refuses bad calls itself, whoever calls it."""
+    dp = datapath()
+    key = os.urandom(64)
+    with pytest.raises(ValueError, match="64 bytes"):
+        dp.Xts(key[:32], 512)
+    with pytest.raises(ValueError, match="halves"):
+        dp.Xts(key[:32] * 2, 512)
+    with pytest.raises(ValueError, match="sector size"):
+        dp.Xts(key, 1024)
+    x = dp.Xts(key, 4096)
+    with pytest.raises(ValueError, match="multiple"):
+        x.crypt(bytes(100), bytearray(100), 0, True)
+    with pytest.raises(ValueError, match="destination"):
+        x.crypt(bytes(4096), bytearray(8192), 0, True)
+    with pytest.raises(BufferError):
+        x.crypt(bytes(4096), bytes(4096), 0, True)               # read-only destination
+    with pytest.raises(ValueError, match="64-bit"):
+        x.crypt(bytes(8192), bytearray(8192), 2**61 - 1, True)
+    for beyond in (2**61, 2**63, 2**64 - 1):                  # tweak 8*i would wrap
+        with pytest.raises(ValueError, match="64-bit"):
+            x.crypt(bytes(4096), bytearray(4096), beyond, True)
+    with pytest.raises(OverflowError):
+        x.crypt(bytes(4096), bytearray(4096), -1, True)
+    x.crypt(bytes(4096), bytearray(4096), 2**61 - 1, True)      # the very last sector
+    x.wipe()
+    with pytest.raises(dp.WipedError):
+        x.crypt(bytes(4096), bytearray(4096), 0, True)
+    assert x.wiped and x.key_address is None
+
+
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_threads_agree_with_reference(sector_size):
-    """Several threads share one cipher, each with its own buffers."""
+    """Several threads share one cipher, each with its own buffers (the compiled
+    engine runs them at once: it releases the GIL)."""
     import threading
     key = random_key()
     fast, ref = _engines(key, sector_size)
@@ -618,140 +601,11 @@ def test_threads_agree_with_reference(sector_size):
     assert failures == []
 
 
-def test_wipe_frees_contexts_of_all_workers():
-    c = xts.XtsCipher(random_key(), 512, engine="openssl")
-    engine = c._engine
-    c.encrypt(bytes(512 * xts.BULK_MIN_SECTORS), 1)   # a worker with bulk scratch
-    busy = engine._idle.pop()              # as if a request were still running on it
-    c.encrypt(bytes(512), 1)               # so this request needs a second worker
-    engine._idle.append(busy)
-    workers = list(engine._workers)
-    assert len(workers) == 2 and all(st.ctxs for st in workers)
-    assert any(st.scratch is not None for st in workers)
-    c.wipe()
-    assert all(not st.ctxs and st.scratch is None for st in workers)
-    with pytest.raises(errors.StateError):
-        c.encrypt(bytes(512), 0)
-
-
-def test_wipe_during_a_request_frees_its_worker_when_it_returns(monkeypatch):
-    """wipe() does not free a context under a running request: that request
-    finishes correctly with it, and its worker is freed as it is returned."""
-    import threading
-    key = random_key()
-    fast, ref = _engines(key, 4096)
-    lib = xts.libcrypto()
-    inside, go_on = threading.Event(), threading.Event()
-    real_update = lib.update
-
-    def slow_update(*args):
-        inside.set()
-        go_on.wait(10)
-        return real_update(*args)
-
-    data = os.urandom(2 * 4096)
-    result = []
-    monkeypatch.setattr(lib, "update", slow_update)
-    th = threading.Thread(target=lambda: result.append(bytes(fast.encrypt(data, 3))))
-    th.start()
-    assert inside.wait(10)
-    engine = fast._engine
-    (busy,) = engine._workers
-    fast.wipe()
-    assert busy.ctxs                                 # still in use: not freed under it
-    go_on.set()
-    th.join(10)
-    monkeypatch.setattr(lib, "update", real_update)
-    assert result == [bytes(ref.encrypt(data, 3))]
-    assert not busy.ctxs and not busy.xts            # freed on return
-    with pytest.raises(errors.StateError):
-        fast.encrypt(data, 3)
-
-
-@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
-def test_per_sector_path_with_and_without_the_live_iv(monkeypatch, sector_size):
-    """Both ways of setting the tweak (written into the context's IV, or
-    EVP_CipherInit_ex per sector) give the reference bytes."""
-    lib = xts.libcrypto()
-    assert lib.live_iv_works            # OpenSSL 3 on these machines: the fast way
-    key = random_key()
-    rng = random.Random(sector_size)
-    for live in (True, False):
-        monkeypatch.setattr(lib, "live_iv_works", live)
-        fast, ref = _engines(key, sector_size)
-        for _ in range(50):
-            n = rng.randint(1, 6)
-            index = rng.choice([0, rng.randrange(2**32 - 8, 2**32 + 8),
-                                (2**64 - 1) // (sector_size // 512) - n + 1])
-            data = os.urandom(n * sector_size)
-            want = ref.encrypt(data, index)
-            assert fast.encrypt(data, index) == want, (live, n, index)
-            assert fast.decrypt(want, index) == data, (live, n, index)
-        (worker,) = fast._engine._workers
-        assert all((iv is not None) == live for _, iv in worker.xts.values())
-
-
-@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
-def test_workers_are_pooled_not_kept_per_thread(sector_size):
-    """Regression (nbdkit RSS grew with every request): nbdkit's Python plugin
-    runs each callback in a fresh Python thread state, so anything kept per
-    thread lives for one request.  Many short-lived threads, one after the
-    other, must reuse one worker (contexts and scratch), not make one each."""
-    import threading
-    key = random_key()
-    fast, ref = _engines(key, sector_size)
-    small = os.urandom(sector_size)
-    bulk_bytes = -(-xts.BULK_MIN_SECTORS * 512 // sector_size) * sector_size
-    large = os.urandom(bulk_bytes + 3 * sector_size)    # the bulk path for 512
-    want_small, want_large = bytes(ref.encrypt(small, 5)), bytes(ref.encrypt(large, 9))
-    results = []
-
-    def one_request(i):
-        if i % 2:
-            results.append(bytes(fast.encrypt(small, 5)) == want_small)
-        else:
-            results.append(bytes(fast.encrypt(large, 9)) == want_large)
-
-    for i in range(200):
-        th = threading.Thread(target=one_request, args=(i,))
-        th.start()
-        th.join()
-    assert results == [True] * 200
-    assert len(fast._engine._workers) == 1
-
-
-def test_concurrent_requests_use_at_most_one_worker_each():
-    """Workers never serve two requests at once, and the pool does not grow
-    beyond the number of requests that ran concurrently."""
-    import threading
-    key = random_key()
-    fast, ref = _engines(key, 512)
-    data = os.urandom(600 * 512)           # bulk path: releases the GIL, so requests overlap
-    want = bytes(ref.encrypt(data, 77))
-    failures = []
-    start = threading.Barrier(8)
-
-    def worker():
-        start.wait()
-        for _ in range(10):
-            if bytes(fast.encrypt(data, 77)) != want:
-                failures.append("WRONG")
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert failures == []
-    engine = fast._engine
-    assert 1 <= len(engine._workers) <= 8
-    assert sorted(map(id, engine._idle)) == sorted(map(id, engine._workers))
-
-
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 def test_wipe_while_threads_encrypt(sector_size):
     """wipe() during concurrent requests: each request either completes
-    correctly or raises StateError; never a crash or a wrong result."""
+    correctly or raises StateError; never a crash or a wrong result (wipe
+    waits for running requests before it cleanses the key)."""
     import threading
     import time
     key = random_key()
@@ -784,12 +638,21 @@ def test_wipe_while_threads_encrypt(sector_size):
     assert outcomes.count("wiped") == 3
 
 
-def test_falls_back_to_reference_without_libcrypto(monkeypatch):
-    monkeypatch.setattr(evp, "_LIBCRYPTO", None)      # as if libcrypto failed to load
+def test_falls_back_to_reference_with_one_loud_warning(monkeypatch, capsys):
+    """Without the extension, "auto" takes the reference engine and says so on
+    stderr, once per process; "compiled" refuses with the reason."""
+    from blockcrypt.crypto import compiled
+    monkeypatch.setattr(compiled, "_module", None)    # as if the import had failed
+    monkeypatch.setattr(compiled, "_reason", "ImportError: test")
+    monkeypatch.setattr(compiled, "_warned", False)
     key = random_key()
     c = xts.XtsCipher(key, 4096)
     assert c.engine_name == "reference"
     data = os.urandom(2 * 4096)
     assert bytes(c.encrypt(data, 2**33)) == pyca_buffer(key.reveal(), 4096, 2**33, data)
-    with pytest.raises(errors.EnvironmentProblem, match="libcrypto"):
-        xts.XtsCipher(key, 4096, engine="openssl")
+    xts.XtsCipher(key, 512)
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and "slower" in err and "ImportError: test" in err
+    assert "make install" in err
+    with pytest.raises(errors.EnvironmentProblem, match="ImportError: test"):
+        xts.XtsCipher(key, 4096, engine="compiled")

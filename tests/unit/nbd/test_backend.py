@@ -2,7 +2,9 @@
 
 Every read/write check compares against a shadow bytearray; on-disk checks
 read the container file directly and decrypt with pyca's XTS independently of
-blockcrypt.crypto.xts.
+blockcrypt.crypto.xts.  Every test runs on both request paths: the compiled
+one (blockcrypt.crypto._datapath.Disk) and the Python reference path
+(engine="reference": PythonSectors with pyca's XTS).
 """
 from __future__ import annotations
 
@@ -43,9 +45,22 @@ def make_container(path: Path, size_bytes: int, sector_size: int, encrypted: boo
     return container.create_container(path, header), dk
 
 
+ENGINE = {"name": "compiled"}
+
+
+@pytest.fixture(autouse=True, params=["compiled", "reference"])
+def engine(request):
+    """Run the test on each request path (open_backend uses it)."""
+    ENGINE["name"] = request.param
+    yield request.param
+    ENGINE["name"] = "compiled"
+
+
 def open_backend(path: Path, dk: bytes | None, *, read_only=False, discard=False):
-    return DiskBackend(path, Secret(dk) if dk is not None else None,
-                       read_only=read_only, discard=discard)
+    b = DiskBackend(path, Secret(dk) if dk is not None else None,
+                    read_only=read_only, discard=discard, engine=ENGINE["name"])
+    assert b.engine_name == ("compiled" if ENGINE["name"] == "compiled" else "python")
+    return b
 
 
 def read_all(b: DiskBackend, count: int | None = None, offset: int = 0) -> bytearray:
@@ -198,7 +213,7 @@ def test_zero_sector_rule(tmp_path, sector_size):
 def test_zero_sector_rule_looks_past_a_zero_head(tmp_path, sector_size):
     """Reads test only the first bytes of each stored sector for speed; a stored
     sector that starts with zero bytes but is not all zero must still be
-    decrypted, in single-sector reads and in short and long (numpy) multi-sector
+    decrypted, in single-sector reads and in short and long multi-sector
     reads, next to holes and ordinary ciphertext."""
     ss = sector_size
     n_sectors = 160                           # longer than the short-read fast test
@@ -570,13 +585,17 @@ def test_scratch_buffers_are_reused_not_made_per_request(tmp_path, sector_size):
     """Encrypted writes borrow scratch buffers from a pool: short-lived threads
     one after the other (as nbdkit's callbacks look to Python) reuse one
     buffer; a burst of concurrent writes keeps at most MAX_IDLE_SCRATCH; every
-    write lands intact whatever buffer it used."""
-    from blockcrypt.nbd import backend
+    write lands intact whatever buffer it used.  (The Python path's pool; the
+    compiled path keeps one scratch buffer per thread, freed with the thread:
+    tests/e2e/test_memory.py bounds nbdkit's memory under load.)"""
+    from blockcrypt.nbd import sectors as backend
     path = tmp_path / "s.bcd"
     _, dk = make_container(path, 4 * MiB, sector_size, True)
     rng = random.Random(sector_size)
     expect = bytearray(4 * MiB)
+    ENGINE["name"] = "reference"
     with open_backend(path, dk) as b:
+        pool = b._sectors
         for i in range(50):
             size = rng.choice([sector_size, 4 * KiB, 64 * KiB, 64 * KiB + sector_size,
                                backend.CHUNK_BYTES + 2 * sector_size])
@@ -586,7 +605,7 @@ def test_scratch_buffers_are_reused_not_made_per_request(tmp_path, sector_size):
             th = threading.Thread(target=b.pwrite, args=(data, offset, False))
             th.start()
             th.join()
-        assert len(b._idle_scratch) == 1
+        assert len(pool._idle_scratch) == 1
         assert read_all(b) == expect
 
         n_threads = backend.MAX_IDLE_SCRATCH + 8
@@ -605,6 +624,117 @@ def test_scratch_buffers_are_reused_not_made_per_request(tmp_path, sector_size):
             th.start()
         for th in threads:
             th.join()
-        assert 1 <= len(b._idle_scratch) <= backend.MAX_IDLE_SCRATCH
+        assert 1 <= len(pool._idle_scratch) <= backend.MAX_IDLE_SCRATCH
         assert read_all(b) == expect
-    assert b._idle_scratch == []                              # close() unmapped them
+    assert pool._idle_scratch == []                              # close() unmapped them
+
+
+@pytest.mark.parametrize("sector_size,sector_no", [(512, 2**32 + 5), (512, 2**32 - 1),
+                                                   (4096, 2**29 + 3)])
+def test_tweaks_above_2_32_on_a_large_sparse_disk(tmp_path, sector_size, sector_no):
+    """A 3 TiB sparse disk: sectors whose plain64 tweak (sector * ss/512) is at or
+    above 2^32 are stored as XTS under that full 64-bit tweak (pyca decrypts the
+    file's bytes), read back right, and partial writes there read-modify-write."""
+    path = tmp_path / "big.bcd"
+    header, dk = make_container(path, 3 << 40, sector_size, True)
+    data = os.urandom(3 * sector_size)
+    offset = sector_no * sector_size
+    with open_backend(path, dk) as b:
+        b.pwrite(data, offset, fua=False)
+        assert read_all(b, len(data), offset) == data
+        b.pwrite(b"patch", offset + sector_size + 100, fua=False)   # read-modify-write
+        expect = bytearray(data)
+        expect[sector_size + 100:sector_size + 105] = b"patch"
+        assert read_all(b, len(data) + 10, offset - 5) == bytes(5) + expect + bytes(5)
+    raw = stored(path, header, offset, len(data))
+    for i in range(3):
+        piece = slice(i * sector_size, (i + 1) * sector_size)
+        assert pyca_xts(dk, sector_size, sector_no + i, raw[piece], encrypt=False) \
+            == expect[piece]
+    assert (sector_no + 2) * (sector_size // 512) >= 2**32 - 1
+
+
+def test_compiled_requests_release_the_gil(tmp_path):
+    """While the compiled path encrypts and writes (or reads and decrypts), other
+    Python threads run: a counting thread advances during the C calls.  With
+    the GIL held for a call it could not advance at all during that call."""
+    if ENGINE["name"] != "compiled":
+        return                                     # a property of the compiled path only
+    import time
+    path = tmp_path / "g.bcd"
+    _, dk = make_container(path, 64 * MiB, 512, True)
+    data = os.urandom(32 * MiB)
+    counter, stop = [0], threading.Event()
+
+    def count():
+        while not stop.is_set():
+            counter[0] += 1
+
+    with open_backend(path, dk) as b:
+        buf = bytearray(len(data))
+        th = threading.Thread(target=count)
+        th.start()
+        try:
+            gains, deadline = [], time.monotonic() + 30
+            while len(gains) < 6 and time.monotonic() < deadline:
+                before = counter[0]
+                b.pwrite(data, 0, fua=False) if len(gains) % 2 == 0 else b.pread_into(buf, 0)
+                gains.append(counter[0] - before)
+        finally:
+            stop.set()
+            th.join()
+        assert buf == data
+    # every call let the other thread run (each is a 32 MiB XTS pass: milliseconds)
+    assert len(gains) == 6 and min(gains) > 0, gains
+
+
+def test_close_waits_for_running_requests(tmp_path, engine):
+    """backend.close() while threads read and write: every request either
+    completes correctly or fails cleanly (OSError / the closed-disk error);
+    close waits for the running ones before the key is wiped."""
+    path = tmp_path / "c.bcd"
+    _, dk = make_container(path, 8 * MiB, 4096, True)
+    b = open_backend(path, dk)
+    data = os.urandom(256 * KiB)
+    b.pwrite(data, 0, fua=False)
+    outcomes, started = [], threading.Barrier(5)
+
+    def worker(t):
+        started.wait()
+        buf = bytearray(len(data))
+        for _ in range(200):
+            try:
+                if t % 2:
+                    b.pwrite(data, (t + 1) * MiB, fua=False)
+                else:
+                    b.pread_into(buf, 0)
+                    if buf != data:
+                        outcomes.append("WRONG")
+                outcomes.append("ok")
+            except (OSError, RuntimeError, errors.BlockcryptError):
+                outcomes.append("closed")
+                return
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    started.wait()
+    b.close()
+    for th in threads:
+        th.join()
+    assert "WRONG" not in outcomes and outcomes.count("closed") <= 4
+
+
+def test_the_compiled_path_is_one_c_call_per_request(tmp_path, engine):
+    """With the compiled path, pread_into IS the extension's Disk.pread (no
+    Python frame between the plugin and C), and writes and zeroes go to the
+    same Disk; the reference path has no Disk."""
+    path = tmp_path / "p.bcd"
+    _, dk = make_container(path, 1 * MiB, 4096, True)
+    with open_backend(path, dk) as b:
+        if engine == "compiled":
+            assert type(b.pread_into).__name__ == "builtin_function_or_method"
+            assert b.pread_into.__self__ is b._disk
+            assert b._write.__self__ is b._disk and b._zero.__self__ is b._disk
+        else:
+            assert b._disk is None
