@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 from .. import errors
@@ -39,14 +40,31 @@ def default_home() -> Path:
     return base / "blockcrypt"
 
 
+_umask_lock = threading.Lock()
+_umask_users = 0
+_umask_saved = 0
+
+
 @contextlib.contextmanager
 def private_umask():
-    """Files and directories created inside are 0600 / 0700."""
-    old = os.umask(0o077)
+    """Files and directories created inside are 0600 / 0700.
+
+    The umask is per process, not per thread: threads inside at the same time share one
+    0077 umask, and the caller's is restored when the last one leaves (a plain
+    save/restore pair per thread could restore another thread's 0077 for good).
+    """
+    global _umask_users, _umask_saved
+    with _umask_lock:
+        if _umask_users == 0:
+            _umask_saved = os.umask(0o077)
+        _umask_users += 1
     try:
         yield
     finally:
-        os.umask(old)
+        with _umask_lock:
+            _umask_users -= 1
+            if _umask_users == 0:
+                os.umask(_umask_saved)
 
 
 def ensure_private_dir(path: Path) -> Path:

@@ -71,6 +71,10 @@ def _sleeper(marker: str) -> subprocess.Popen:
     """A process running `sh` with marker in its argv (like nbdkit with its run dir)."""
     p = subprocess.Popen(["sh", "-c", "sleep 30; :", marker + "x"])
     wait_for(lambda: proc.pid_matches(p.pid, "sh", marker), 10.0, "sh to exec with the marker")
+    # sh forks a child for `sleep`; until that child execs, it is a second `sh` with the
+    # marker (seen under load): wait until the shell is the only one.
+    wait_for(lambda: proc.find_processes("sh", marker) == [p.pid], 10.0,
+             "sh's child to exec sleep")
     return p
 
 
