@@ -13,7 +13,9 @@ server through a relay the test can cut (a network partition).
   and audited on C;
 - the server unreachable: B's attach fails naming the server;
 - the key revoked on the server: new attaches fail on every host, B's attached disk
-  keeps serving and ``disk show`` says so.
+  keeps serving and ``disk show`` says so;
+- at boot, a persistent disk under a kmip key waits (with backoff, reported) for an
+  unreachable key manager, with no passphrase, and attaches once it answers.
 """
 from __future__ import annotations
 
@@ -143,3 +145,60 @@ def test_three_hosts_share_one_key_manager(kmip_server, tmp_path, passphrase_fil
         relay.close()
         for e in hosts.values():
             e.cleanup()
+
+
+def test_persistent_disk_waits_for_an_unreachable_key_manager(kmip_server, tmp_path,
+                                                               passphrase_file):
+    """At boot the key manager may not be reachable yet (network still coming up):
+    `disk attach --all-persistent --wait` (what the boot unit runs) reports the disk as
+    waiting, naming the server, retries with backoff, and attaches it once the server
+    answers, with its data."""
+    import subprocess
+    import sys
+
+    from support.wait import wait_for
+    require_block_devices()
+    srv = kmip_server
+    relay = Relay(srv)
+    home = tmp_path / "home"
+    env = Env(home, passphrase_file, tmp_path)
+    try:
+        env.cli(*srv.provider_args("kms", srv.client("host-boot", "tenant-3"),
+                                   port=relay.port))
+        env.cli("key", "create", "--alias", "boot-key", "--provider", "kms")
+        env.create("bootdisk", "64M", "--key", "boot-key")
+        dev = env.attach("bootdisk", "--persistent")["device"]
+        data = os.urandom(MiB)
+        dd_write(dev, data, 3 * MiB)
+        env.detach("bootdisk")
+
+        relay.cut = True                             # the key manager is unreachable
+        log = tmp_path / "boot.stderr"
+        # No passphrase: a kmip key needs none at boot (the unit passes none).
+        argv = [sys.executable, "-m", "blockcrypt", "--home", str(home), "disk", "attach",
+                "--all-persistent", "--wait", "120"]
+        with open(log, "wb") as err:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=err, start_new_session=True)
+        try:
+            wait_for(lambda: b"waiting: disk bootdisk" in log.read_bytes(), 60,
+                     "the boot attach to report that bootdisk waits for its key manager")
+            assert f"127.0.0.1:{relay.port}" in log.read_text()
+            assert {d["name"]: d["state"] for d in env.json("disk", "list")} == {
+                "bootdisk": "available"}
+            relay.cut = False                        # the network comes up
+            out, _ = p.communicate(timeout=150)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 0, log.read_text()
+        assert b"attached disk bootdisk" in out
+        shown = env.json("disk", "show", "bootdisk")
+        assert shown["state"] == "attached"
+        assert dd_read(shown["device"], MiB, 3 * MiB) == data
+        env.detach("bootdisk")
+    finally:
+        relay.cut = False
+        relay.close()
+        env.cleanup()
