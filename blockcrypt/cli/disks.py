@@ -1,4 +1,4 @@
-"""`blockcrypt disk ...`: create (also from a snapshot), reset, reinit, copy, list, show,
+"""`blockcrypt disk ...`: create (also from a snapshot), resize, reset, reinit, copy, list, show,
 delete, attach, detach, serve, header-backup, header-restore."""
 from __future__ import annotations
 
@@ -110,6 +110,39 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
     enc = f"encrypted under key {d['cmk_id']}" if d["encrypted"] else "not encrypted"
     app.emit(d, f"created disk {name}: {human_size(d['size_bytes'])}, "
                 f"{d['sector_size']}-byte sectors, {enc}")
+
+
+@disk_group.command("resize")
+@click.argument("name")
+@click.option("--size", "size_text", required=True,
+              help="The new size, larger than the current one: bytes or with a suffix K, M, "
+                   "G, T (powers of 1024), e.g. 20G.")
+@json_option
+@pass_app
+def resize_cmd(app: App, name, size_text):
+    """Grow disk NAME to --size (ResizeDisk), detached or attached.
+
+    Disks only grow; for a smaller one, create it and `blockcrypt disk copy` the
+    files.  Afterwards grow the file system (e.g. `resize2fs DEVICE`).  An attached
+    disk's device keeps its old size until the disk is detached and attached again.
+    """
+    names.validate_name(name)
+    size_bytes = names.parse_size(size_text)
+    with _service(app) as svc:
+        d = svc.resize(name, size_bytes)
+    if not d["changed"]:
+        text = f"disk {name} already has {human_size(d['size_bytes'])}; nothing to do"
+    else:
+        text = (f"disk {name} grown from {human_size(d['old_size_bytes'])} to "
+                f"{human_size(d['size_bytes'])}")
+        if d["reattach_required"]:
+            text += (f"\nit is attached ({d['device'] or d['method']}), which still shows "
+                     f"{human_size(d['old_size_bytes'])}: to use the new size, unmount it, run "
+                     f"`blockcrypt disk detach {name}` and `blockcrypt disk attach {name}`, "
+                     "then grow the file system (e.g. `resize2fs DEVICE`)")
+        else:
+            text += "; grow its file system after attaching (e.g. `resize2fs DEVICE`)"
+    app.emit(d, text)
 
 
 @disk_group.command("reset")
