@@ -13,6 +13,8 @@ from ..constants import DEFAULT_SECTOR_SIZE, SECTOR_SIZES
 from . import App, cli, json_option, pass_app
 from .output import format_fields, format_table, human_size
 from .params import ASCII_INT
+from .progress import shown
+from .progress import wanted as progress_wanted
 
 
 @contextlib.contextmanager
@@ -88,7 +90,7 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
     if snapshot is not None:
         size_bytes = names.parse_size(size_text) if size_text is not None else None
         from ..services.snapshots import LifecycleService
-        with _service(app) as svc:
+        with _service(app) as svc, shown(app.json_output, f"disk {name} from snapshot {snapshot}"):
             d = LifecycleService(app.home, svc.conn, svc.keys, disks=svc).create_disk_from_snapshot(
                 name, snapshot, size_bytes=size_bytes, encrypted=encrypted, key_ref=key_ref,
                 sector_size=int(sector_size) if sector_size else None, discard=discard)
@@ -153,7 +155,7 @@ def resize_cmd(app: App, name, size_text):
 def reset_cmd(app: App, name, snapshot):
     """Restore a detached disk to a snapshot of the same disk (ResetDisk)."""
     from ..services.snapshots import LifecycleService
-    with _service(app) as svc:
+    with _service(app) as svc, shown(app.json_output, f"resetting disk {name}"):
         d = LifecycleService(app.home, svc.conn, svc.keys, disks=svc).reset_disk(name, snapshot)
     app.emit(d, f"disk {name} reset to snapshot {snapshot}")
 
@@ -184,9 +186,8 @@ def copy_cmd(app: App, src, dst):
     attached and mounted read-only, DST gets a file system of SRC's type if it
     has none, `rsync -aHAX` copies, and both are detached again.
     """
-    progress = sys.stdout.isatty() and not app.json_output
     with _service(app) as svc:
-        r = svc.copy(src, dst, progress=progress)
+        r = svc.copy(src, dst, progress=progress_wanted(app.json_output))
     made = f" (made a new {r['file_system']} file system)" if r["made_file_system"] else ""
     app.emit(r, f"copied the files of disk {src} to disk {dst}{made}")
 
