@@ -79,7 +79,9 @@ def reporting(progress: ProgressFn | None) -> Iterator[None]:
         _reporter.reset(token)
 
 
-def _progress_fn(progress: ProgressFn | None) -> ProgressFn:
+def progress_fn(progress: ProgressFn | None = None) -> ProgressFn:
+    """``progress`` if given, else the :func:`reporting` one, else a no-op: what a copy
+    loop (here or elsewhere) calls with (done_bytes, total_bytes)."""
     chosen = progress if progress is not None else _reporter.get()
     return chosen if chosen is not None else (lambda done_bytes, total_bytes: None)
 
@@ -160,7 +162,7 @@ def sparse_copy(src_fd: int, dst_fd: int, src_offset: int = 0,
     length defaults to the rest of the source file.  Progress counts the bytes of
     the data ranges.
     """
-    report = _progress_fn(progress)
+    report = progress_fn(progress)
     src_size = os.fstat(src_fd).st_size
     if length is None:
         length = max(0, src_size - src_offset)
@@ -208,7 +210,7 @@ def copy_to_new(src: os.PathLike | str | int, dst: os.PathLike | str, *, src_off
                 sparse_copy(src_fd, dst_fd, src_offset, length, progress)
             else:
                 cloned = os.fstat(dst_fd).st_size
-                _progress_fn(progress)(cloned, cloned)
+                progress_fn(progress)(cloned, cloned)
             os.fsync(dst_fd)
         except BaseException as exc:
             os.close(dst_fd)
