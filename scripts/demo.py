@@ -5,7 +5,8 @@ Walks the whole story with the CLI, as a user would type it: a customer master
 key, an encrypted disk used as a real block device, a snapshot taken while the
 file system is mounted, a disk made from that snapshot, proof that the disk
 file holds only ciphertext, the encryption rules refusing a conversion, the
-supported migration with `disk copy`, a disk whose CMK is held in an HSM
+supported migration with `disk copy`, growing a disk (`disk resize`, resize2fs),
+a disk whose CMK is held in an HSM
 (a SoftHSM2 token, over PKCS#11) and attached without the store passphrase,
 and the audit trail.
 
@@ -228,6 +229,22 @@ class Demo:
         self.bc("disk", "detach", "public")
         found = _file_contains(self.disk_file("public"), self.marker.encode())
         self.check(found, "the unencrypted disk's file contains the plaintext, as it should")
+
+        self.step("Grow a disk", """
+            `disk resize` grows a disk in place (never shrinks): the file is extended
+            sparsely and both header copies take the new size (an encrypted disk's data
+            key is re-wrapped for it).  Then resize2fs grows the file system.""")
+        self.bc("disk", "resize", "public", "--size", "384M")
+        dev = self.bc_json("disk", "attach", "public")["device"]
+        self.sh("e2fsck", "-fy", dev)
+        grown = self.sh("resize2fs", dev)
+        self.show((grown.stdout.strip() or grown.stderr.strip()).splitlines()[-1])
+        mnt = self.mount(dev, "public")
+        size_bytes = os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize
+        self.check(size_bytes > 300 * MiB and _manifest(mnt) == manifest,
+                   "after resize2fs the file system has grown and the files are intact")
+        self.umount(mnt)
+        self.bc("disk", "detach", "public")
 
         self.step("Crypto-shred: destroy a key, keep the proof", """
             Deleting a key is scheduled (7-30 days); when the window has passed its

@@ -1,4 +1,4 @@
-"""`blockcrypt disk ...`: create (also from a snapshot), reset, reinit, copy, list, show,
+"""`blockcrypt disk ...`: create (also from a snapshot), resize, reset, reinit, copy, list, show,
 delete, attach, detach, serve, header-backup, header-restore."""
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from ..constants import DEFAULT_SECTOR_SIZE, SECTOR_SIZES
 from . import App, cli, json_option, pass_app
 from .output import format_fields, format_table, human_size
 from .params import ASCII_INT
+from .progress import shown
+from .progress import wanted as progress_wanted
 
 
 @contextlib.contextmanager
@@ -88,7 +90,7 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
     if snapshot is not None:
         size_bytes = names.parse_size(size_text) if size_text is not None else None
         from ..services.snapshots import LifecycleService
-        with _service(app) as svc:
+        with _service(app) as svc, shown(app.json_output, f"disk {name} from snapshot {snapshot}"):
             d = LifecycleService(app.home, svc.conn, svc.keys, disks=svc).create_disk_from_snapshot(
                 name, snapshot, size_bytes=size_bytes, encrypted=encrypted, key_ref=key_ref,
                 sector_size=int(sector_size) if sector_size else None, discard=discard)
@@ -112,6 +114,39 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
                 f"{d['sector_size']}-byte sectors, {enc}")
 
 
+@disk_group.command("resize")
+@click.argument("name")
+@click.option("--size", "size_text", required=True,
+              help="The new size, larger than the current one: bytes or with a suffix K, M, "
+                   "G, T (powers of 1024), e.g. 20G.")
+@json_option
+@pass_app
+def resize_cmd(app: App, name, size_text):
+    """Grow disk NAME to --size (ResizeDisk), detached or attached.
+
+    Disks only grow; for a smaller one, create it and `blockcrypt disk copy` the
+    files.  Afterwards grow the file system (e.g. `resize2fs DEVICE`).  An attached
+    disk's device keeps its old size until the disk is detached and attached again.
+    """
+    names.validate_name(name)
+    size_bytes = names.parse_size(size_text)
+    with _service(app) as svc:
+        d = svc.resize(name, size_bytes)
+    if not d["changed"]:
+        text = f"disk {name} already has {human_size(d['size_bytes'])}; nothing to do"
+    else:
+        text = (f"disk {name} grown from {human_size(d['old_size_bytes'])} to "
+                f"{human_size(d['size_bytes'])}")
+        if d["reattach_required"]:
+            text += (f"\nit is attached ({d['device'] or d['method']}), which still shows "
+                     f"{human_size(d['old_size_bytes'])}: to use the new size, unmount it, run "
+                     f"`blockcrypt disk detach {name}` and `blockcrypt disk attach {name}`, "
+                     "then grow the file system (e.g. `resize2fs DEVICE`)")
+        else:
+            text += "; grow its file system after attaching (e.g. `resize2fs DEVICE`)"
+    app.emit(d, text)
+
+
 @disk_group.command("reset")
 @click.argument("name")
 @click.option("--snapshot", required=True, help="A snapshot of this disk's lineage.")
@@ -120,7 +155,7 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
 def reset_cmd(app: App, name, snapshot):
     """Restore a detached disk to a snapshot of the same disk (ResetDisk)."""
     from ..services.snapshots import LifecycleService
-    with _service(app) as svc:
+    with _service(app) as svc, shown(app.json_output, f"resetting disk {name}"):
         d = LifecycleService(app.home, svc.conn, svc.keys, disks=svc).reset_disk(name, snapshot)
     app.emit(d, f"disk {name} reset to snapshot {snapshot}")
 
@@ -151,9 +186,8 @@ def copy_cmd(app: App, src, dst):
     attached and mounted read-only, DST gets a file system of SRC's type if it
     has none, `rsync -aHAX` copies, and both are detached again.
     """
-    progress = sys.stdout.isatty() and not app.json_output
     with _service(app) as svc:
-        r = svc.copy(src, dst, progress=progress)
+        r = svc.copy(src, dst, progress=progress_wanted(app.json_output))
     made = f" (made a new {r['file_system']} file system)" if r["made_file_system"] else ""
     app.emit(r, f"copied the files of disk {src} to disk {dst}{made}")
 

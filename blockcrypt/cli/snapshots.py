@@ -8,6 +8,7 @@ import click
 
 from . import App, cli, json_option, pass_app
 from .output import format_fields, format_table, human_size
+from .progress import shown
 
 
 @contextlib.contextmanager
@@ -62,7 +63,7 @@ def create_cmd(app: App, disk, name):
     While attached, I/O is paused for the copy (crash-consistent: a mounted
     file system keeps working and recovers on the copy as after a power cut).
     """
-    with lifecycle(app) as life:
+    with lifecycle(app) as life, shown(app.json_output, f"snapshot {name} of disk {disk}"):
         s = life.create_snapshot(disk, name)
     how = "I/O paused for the copy" if s["quiesced"] else "disk not in use"
     app.emit(s, f"created snapshot {name} of disk {disk} ({s['copy_method']} copy, {how}; "
@@ -110,6 +111,6 @@ def export_cmd(app: App, name, file):
     Encrypted snapshots cannot be exported; create a disk from one and copy
     its files with `blockcrypt disk copy` instead.
     """
-    with lifecycle(app) as life:
+    with lifecycle(app) as life, shown(app.json_output, f"exporting snapshot {name}"):
         r = life.export_snapshot(name, file)
     app.emit(r, f"exported snapshot {name} to {file} ({human_size(r['size_bytes'])} raw image)")

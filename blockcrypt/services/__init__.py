@@ -6,7 +6,9 @@
 - :mod:`.runtime`: the nbdkit process and block device behind an attachment;
 - :mod:`.serve`: ``disk serve`` and its TCP/TLS rules;
 - :mod:`.copy`: ``disk copy`` (mount + rsync between two disks);
-- :mod:`.snapshots`: LifecycleService, snapshots, disks from snapshots, reset, reinit.
+- :mod:`.snapshots`: LifecycleService, snapshots, disks from snapshots, reset, reinit;
+- :mod:`.resize`: ``disk resize`` (grow in place, detached or attached);
+- :mod:`.progress`: the copy loop's progress, routed to the CLI's display.
 
 They talk to key providers through :mod:`blockcrypt.kms.provider`, to containers
 through a :class:`blockcrypt.storage.store.Store`, to processes through

@@ -2,7 +2,7 @@
 the disk or snapshot.
 
 :func:`audited` decorates the service methods the CLI calls for a change (disk
-create, delete, attach, detach, serve, copy, reset, reinit; snapshot create,
+create, delete, resize, attach, detach, serve, copy, reset, reinit; snapshot create,
 delete, export; disk create --from-snapshot): one record per call in the audit
 chain that also holds the key operations (:func:`blockcrypt.kms.audit.record`),
 successful or refused, with who (uid, pid, command line), the objects (type,

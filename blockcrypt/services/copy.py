@@ -40,9 +40,10 @@ def copy_files(disks: DiskService, src_name: str, dst_name: str, *,
 
     SRC is attached read-only and mounted read-only; DST is attached read-write
     and gets a file system of SRC's type if it has none.  ``rsync -aHAX``
-    copies (hard links, ACLs, extended attributes), with a progress display
-    when ``progress``.  Both are unmounted and detached afterwards, also on
-    failure.  Refused (DiskAttached) if either disk is in use.
+    copies (hard links, ACLs, extended attributes), with rsync's progress line
+    (bytes, percentage, rate, ETA) on stderr when ``progress``.  Both are
+    unmounted and detached afterwards, also on failure.  Refused (DiskAttached)
+    if either disk is in use.
     """
     runtime.require_root("blockcrypt disk copy")
     runtime.require_tools("rsync", "blkid", "mount", "umount")
@@ -75,7 +76,7 @@ def copy_files(disks: DiskService, src_name: str, dst_name: str, *,
             mounted.append(mnt)
         argv = commands.rsync_argv(mounted[0], mounted[1], progress=progress)
         if progress:
-            proc.run_visible(argv)
+            proc.run_visible(argv, stdout_to_stderr=True)   # our stdout is the result
         else:
             proc.run(argv, timeout_s=None)
     finally:

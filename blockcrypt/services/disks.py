@@ -58,6 +58,7 @@ from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
 from ..storage.store import Store
 from ..testing.crashpoints import crashpoint
 from . import copy as copy_service
+from . import resize as resize_service
 from . import serve as serve_service
 from .attach import Attachments
 from .boundary import audited, record
@@ -242,6 +243,11 @@ class DiskService:
             crashpoint("disk-delete.in-txn")
         crashpoint("disk-delete.after-row")
         self.store.remove(doomed)
+
+    @audited("disk-resize", "disk:name")
+    def resize(self, name: str, size_bytes: int) -> dict:
+        """Grow a disk, detached or attached (:func:`.resize.resize`)."""
+        return resize_service.resize(self, name, size_bytes)
 
     # -- header backup and restore ----------------------------------------------------------
     @audited("disk-header-backup", "disk:name")

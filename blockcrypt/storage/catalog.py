@@ -172,6 +172,11 @@ def insert_disk(conn: sqlite3.Connection, **row) -> None:
     _insert(conn, "disks", DISK_COLUMNS, "disk", row)
 
 
+def set_disk_size(conn: sqlite3.Connection, disk_id: str, size_bytes: int) -> None:
+    """Record a disk's new size after a resize (call inside db.write_txn)."""
+    conn.execute("UPDATE disks SET size_bytes = ? WHERE id = ?", (size_bytes, disk_id))
+
+
 def delete_disk(conn: sqlite3.Connection, disk_id: str) -> None:
     conn.execute("DELETE FROM disks WHERE id = ?", (disk_id,))
 

@@ -285,12 +285,13 @@ def restore_header(path: os.PathLike | str, header: Header) -> Header:
 
 
 def grow_container(path: os.PathLike | str, size_bytes: int, *,
-                   wrapped_dk: bytes | None = None) -> Header:
+                   wrapped_dk: bytes | None = None, cmk_version: int | None = None) -> Header:
     """Grow a container to size_bytes (F-29); returns the stored header.
 
     An encrypted container's key context includes size_bytes (F-20), so the
     caller passes the DK re-wrapped for ``key_context(old.replace(size_bytes=
-    size_bytes))``.  The file is extended (sparse) and fsynced before the
+    size_bytes))`` (and the key version that blob records, if it changed).  The
+    file is extended (sparse) and fsynced before the
     header is updated, so a crash in between leaves the old, valid header.
     """
     p = os.fspath(path)
@@ -311,6 +312,8 @@ def grow_container(path: os.PathLike | str, size_bytes: int, *,
             raise errors.InvalidInput(detail="an unencrypted container has no data key")
         new = old.replace(size_bytes=size_bytes,
                           wrapped_dk=wrapped_dk if old.encrypted else None)
+        if old.encrypted and cmk_version is not None:
+            new = new.replace(cmk_version=cmk_version)
         if old.data_offset + size_bytes > MAX_FILE_BYTES:
             raise errors.InvalidSize(size=size_bytes, reason="the file would exceed 2^63 - 1 "
                                      "bytes")

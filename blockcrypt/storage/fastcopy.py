@@ -21,14 +21,24 @@ changes underneath is not a point-in-time image.
 failure); :func:`copy_file` adds an atomic rename: the destination appears
 complete or not at all.
 
+Progress: every copy reports ``(done_bytes, total_bytes)`` to a callback, the
+``progress`` argument or else the one installed with :func:`reporting` for the
+current context (how the CLI shows progress of snapshot create, disk create
+--from-snapshot, snapshot export and disk reset without each service passing it
+along).  ``total_bytes`` is what is actually copied: the data ranges (holes are not
+counted), or the whole length once for a reflink.
+
 This module owns how bytes get copied; it must not read headers, choose
 names or take locks: the caller (:mod:`.file_store`) does.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import fcntl
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .. import errors
@@ -51,6 +61,29 @@ _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno
 
 # Test seam: force the sparse path even where FICLONE works.
 _disable_reflink = False
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (done_bytes, total_bytes) as a copy advances; must not raise."""
+
+_reporter: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar(
+    "blockcrypt_copy_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting(progress: ProgressFn | None) -> Iterator[None]:
+    """Within the block, copies that get no ``progress`` argument report to ``progress``."""
+    token = _reporter.set(progress)
+    try:
+        yield
+    finally:
+        _reporter.reset(token)
+
+
+def progress_fn(progress: ProgressFn | None = None) -> ProgressFn:
+    """``progress`` if given, else the :func:`reporting` one, else a no-op: what a copy
+    loop (here or elsewhere) calls with (done_bytes, total_bytes)."""
+    chosen = progress if progress is not None else _reporter.get()
+    return chosen if chosen is not None else (lambda done_bytes, total_bytes: None)
 
 
 def try_reflink(src_fd: int, dst_fd: int) -> bool:
@@ -87,8 +120,10 @@ def data_ranges(fd: int, end: int, start: int = 0):
         pos = end
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, shift: int) -> None:
-    """Copy src [offset, offset + length) to dst at offset - shift."""
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, shift: int,
+                advanced: Callable[[int], None]) -> None:
+    """Copy src [offset, offset + length) to dst at offset - shift; ``advanced(n)``
+    after each chunk of n bytes."""
     end = offset + length
     pos = offset
     use_cfr = True
@@ -116,32 +151,46 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, shift: int) 
                 written += os.pwrite(dst_fd, view[written:], pos - shift + written)
             n = len(buf)
         pos += n
+        advanced(n)
 
 
 def sparse_copy(src_fd: int, dst_fd: int, src_offset: int = 0,
-                length: int | None = None) -> None:
+                length: int | None = None, progress: ProgressFn | None = None) -> None:
     """Copy src's data ranges within [src_offset, src_offset + length) into the
     empty dst at offset 0, skipping holes, and set dst's length to length.
 
-    length defaults to the rest of the source file.
+    length defaults to the rest of the source file.  Progress counts the bytes of
+    the data ranges.
     """
+    report = progress_fn(progress)
     src_size = os.fstat(src_fd).st_size
     if length is None:
         length = max(0, src_size - src_offset)
     end = min(src_offset + length, src_size)
-    for offset, run in data_ranges(src_fd, end, start=src_offset):
-        _copy_range(src_fd, dst_fd, offset, run, src_offset)
+    ranges = list(data_ranges(src_fd, end, start=src_offset))
+    total_bytes = sum(run for _, run in ranges)
+    done_bytes = 0
+    report(0, total_bytes)
+
+    def advanced(n: int) -> None:
+        nonlocal done_bytes
+        done_bytes += n
+        report(min(done_bytes, total_bytes), total_bytes)
+
+    for offset, run in ranges:
+        _copy_range(src_fd, dst_fd, offset, run, src_offset, advanced)
     os.ftruncate(dst_fd, length)
 
 
 def copy_to_new(src: os.PathLike | str | int, dst: os.PathLike | str, *, src_offset: int = 0,
-                length: int | None = None) -> str:
+                length: int | None = None, progress: ProgressFn | None = None) -> str:
     """Copy src (or its range [src_offset, src_offset + length)) to a new file dst.
 
     src is a path or an open file descriptor (left open; the caller may hold a
     lock on it).  dst is created 0600 and never replaces anything.  Returns
     the method, :data:`REFLINK` (whole files only) or :data:`SPARSE`.  dst is
-    fsynced (its directory is not: the caller renames it or fsyncs).  On any
+    fsynced (its directory is not: the caller renames it or fsyncs).  ``progress``
+    (default: the :func:`reporting` one) follows the copy.  On any
     failure dst is removed.  Raises NotFound, AlreadyExists, NoSpace, StorageError.
     """
     dst = os.fspath(dst)
@@ -158,7 +207,10 @@ def copy_to_new(src: os.PathLike | str | int, dst: os.PathLike | str, *, src_off
             whole = src_offset == 0 and length is None
             method = REFLINK if whole and try_reflink(src_fd, dst_fd) else SPARSE
             if method == SPARSE:
-                sparse_copy(src_fd, dst_fd, src_offset, length)
+                sparse_copy(src_fd, dst_fd, src_offset, length, progress)
+            else:
+                cloned = os.fstat(dst_fd).st_size
+                progress_fn(progress)(cloned, cloned)
             os.fsync(dst_fd)
         except BaseException as exc:
             os.close(dst_fd)
@@ -176,7 +228,7 @@ def copy_to_new(src: os.PathLike | str | int, dst: os.PathLike | str, *, src_off
 
 
 def copy_file(src: os.PathLike | str, dst: os.PathLike | str, *, src_offset: int = 0,
-              length: int | None = None) -> str:
+              length: int | None = None, progress: ProgressFn | None = None) -> str:
     """Copy src (or a range of it) to dst atomically: dst appears complete or not at all.
 
     The copy is written under a temporary name in dst's directory, fsynced,
@@ -188,7 +240,7 @@ def copy_file(src: os.PathLike | str, dst: os.PathLike | str, *, src_offset: int
     if dst_path.exists() or dst_path.is_symlink():
         raise errors.AlreadyExists(what="file", name=str(dst_path))
     tmp = dst_path.with_name(f".{dst_path.name}.{os.getpid()}.tmp")
-    method = copy_to_new(src, tmp, src_offset=src_offset, length=length)
+    method = copy_to_new(src, tmp, src_offset=src_offset, length=length, progress=progress)
     try:
         os.link(tmp, dst_path)
     except FileExistsError:

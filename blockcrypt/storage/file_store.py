@@ -99,6 +99,12 @@ class FileStore(Store[Path]):
     def reserve(self, loc: Path, header: Header) -> None:
         os.truncate(loc, header.file_size_bytes)
 
+    def grow(self, loc: Path, header: Header) -> Header:
+        if not header.encrypted:
+            return container.grow_container(loc, header.size_bytes)
+        return container.grow_container(loc, header.size_bytes, wrapped_dk=header.wrapped_dk,
+                                        cmk_version=header.cmk_version)
+
     # -- creating ------------------------------------------------------------------
     def create(self, staged: Path, header: Header) -> Header:
         with private_umask():

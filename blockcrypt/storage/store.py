@@ -117,6 +117,13 @@ class Store(abc.ABC, Generic[L]):
         """Make the container large enough for ``header``'s data area, before
         :meth:`write_header` stores a larger size (growth only; a staged copy)."""
 
+    @abc.abstractmethod
+    def grow(self, loc: L, header: Header) -> Header:
+        """Grow the container in place to ``header.size_bytes`` (growth only, F-29): the
+        data area is extended first, then the header is updated crash-safely (both
+        copies, F-25); ``header`` carries the DK re-wrapped for the new key context.
+        Returns the header as stored.  InvalidSize if it would shrink."""
+
     # -- creating ------------------------------------------------------------------
     @abc.abstractmethod
     def create(self, staged: L, header: Header) -> Header:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,12 +61,15 @@ def run(argv: Sequence[str], *, check: bool = True, timeout_s: float = 120,
     return cp
 
 
-def run_visible(argv: Sequence[str], *, timeout_s: float | None = None) -> None:
+def run_visible(argv: Sequence[str], *, timeout_s: float | None = None,
+                stdout_to_stderr: bool = False) -> None:
     """Run a command with this process's stdout and stderr (a progress display
-    on the user's terminal); MissingTool / CommandFailed as :func:`run`."""
+    on the user's terminal; with ``stdout_to_stderr`` its stdout goes to our stderr,
+    keeping our stdout for the result); MissingTool / CommandFailed as :func:`run`."""
     argv = [str(a) for a in argv]
+    extra = {"stdout": sys.stderr.fileno()} if stdout_to_stderr else {}
     try:
-        rc = _runner(argv, timeout=timeout_s, stdin=subprocess.DEVNULL).returncode
+        rc = _runner(argv, timeout=timeout_s, stdin=subprocess.DEVNULL, **extra).returncode
     except FileNotFoundError:
         raise _missing(argv) from None
     except subprocess.TimeoutExpired:

@@ -31,7 +31,8 @@ def test_demo_runs_end_to_end():
     for expected in ("snapshot", "ok: every file written before the snapshot is there",
                      "does not contain the plaintext", "disk copy", "audit", "Demo finished",
                      "ok: the key was generated inside the token",
-                     "ok: the shred record names the disk that can no longer be read"):
+                     "ok: the shred record names the disk that can no longer be read",
+                     "ok: after resize2fs the file system has grown and the files are intact"):
         assert expected in out, expected
     assert "ok: the store uses the production KDF parameters" in out
     assert _leftovers() == before, "the demo left its temporary directory behind"

@@ -60,3 +60,48 @@ def run_shell(command: str, *, env: dict[str, str], cwd: Path, check: bool = Tru
         raise AssertionError(f"{command!r} exited {cp.returncode}\nstdout: {cp.stdout.decode()}"
                              f"\nstderr: {cp.stderr.decode()}")
     return cp
+
+
+def run_cli_tty(*args, home: Path | None = None, passphrase_file: Path | None = None,
+                stdout_tty: bool = True, timeout: float = 300) -> tuple[int, bytes, bytes]:
+    """Run the CLI with stderr (and, unless ``stdout_tty`` is False, stdout) on a
+    pseudo-terminal each, as in an interactive shell; returns (rc, stdout, stderr)."""
+    import pty
+    import threading
+    argv = [sys.executable, "-m", "blockcrypt"]
+    if home is not None:
+        argv += ["--home", str(home)]
+    if passphrase_file is not None:
+        argv += ["--passphrase-file", str(passphrase_file)]
+    argv += [str(a) for a in args]
+    ptys = [pty.openpty() for _ in range(2 if stdout_tty else 1)]
+    out: dict[int, list[bytes]] = {}
+
+    def drain(fd: int) -> None:
+        chunks = out.setdefault(fd, [])
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:          # EIO: the other side is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    err_master, err_slave = ptys[-1]
+    stdout = ptys[0][1] if stdout_tty else subprocess.PIPE
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=err_slave,
+                            cwd=REPO)
+    for _, slave in ptys:
+        os.close(slave)
+    readers = [threading.Thread(target=drain, args=(m,)) for m, _ in ptys]
+    for t in readers:
+        t.start()
+    piped = proc.stdout.read() if not stdout_tty else None
+    rc = proc.wait(timeout=timeout)
+    for t in readers:
+        t.join(timeout)
+    for master, _ in ptys:
+        os.close(master)
+    got_out = piped if piped is not None else b"".join(out[ptys[0][0]])
+    return rc, got_out, b"".join(out[err_master])

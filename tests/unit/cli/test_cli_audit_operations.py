@@ -37,6 +37,8 @@ OPERATIONS = [
      (["disk", "delete", "nope"], errors.DiskNotFound)),
     ("disk-reset", [("disk", "d1"), ("snapshot", "s1")], ["disk", "reset", "d1", "--snapshot", "s1"],
      (["disk", "reset", "d1", "--snapshot", "p1"], errors.LineageMismatch)),
+    ("disk-resize", [("disk", "d1")], ["disk", "resize", "d1", "--size", "8M"],
+     (["disk", "resize", "d1", "--size", "1M"], errors.InvalidSize)),
     ("disk-reinit", [("disk", "d1")], ["disk", "reinit", "d1"],
      (["disk", "reinit", "nope"], errors.DiskNotFound)),
     ("disk-create-from-snapshot", [("disk", "d3"), ("snapshot", "s1")],

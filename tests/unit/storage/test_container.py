@@ -977,3 +977,30 @@ def test_f37_restore_is_crash_safe(created):
                 read_header(path)                 # the old (damaged) state, untouched
         else:
             assert read_header(path) == saved.replace(seq=saved.seq + 1)
+
+
+@pytest.mark.parametrize("step", ["write:B", "fsync:B", "write:A", "fsync:A"])
+def test_f29_grow_interrupted_at_each_step_leaves_old_or_new_size(created, step):
+    """F-29/F-26: a grow stopped before any header write step leaves a valid header of
+    the old or the new size, never a mix; the next grow completes it."""
+    path, h = created
+    target = h.size_bytes + 64 * MiB
+
+    def crash(name):
+        if name == step:
+            raise Crash(name)
+    container._fault_hook = crash
+    try:
+        with pytest.raises(Crash):
+            grow_container(path, target, wrapped_dk=b"rewrapped-dk")
+    finally:
+        container._fault_hook = None
+    assert path.stat().st_size == h.data_offset + target       # extended before the header
+    got = read_header(path)
+    if step == "write:B":                   # nothing written: the old header, whole
+        assert got == h
+    else:                                   # B, the non-winning slot, holds the new one
+        assert got.size_bytes == target and got.wrapped_dk == b"rewrapped-dk"
+        assert got.seq == h.seq + 1
+    done = grow_container(path, target, wrapped_dk=b"rewrapped-dk")
+    assert slots(path) == (encode_copy(done),) * 2 and done.size_bytes == target

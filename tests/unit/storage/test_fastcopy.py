@@ -161,3 +161,48 @@ def test_reflink_on_xfs(xfs_reflink_dir):
     with open(dst, "r+b") as f:
         f.write(b"x" * 4096)
     assert _sha256(src) == before
+
+
+# -- progress ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("via", ["argument", "reporting"])
+def test_sparse_copy_reports_progress_of_the_data_ranges(tmp_path, monkeypatch, via):
+    monkeypatch.setattr(fastcopy, "_disable_reflink", True)
+    monkeypatch.setattr(fastcopy, "CHUNK_BYTES", MiB)      # several reports per range
+    src = tmp_path / "src"
+    _make_sparse(src, GiB, PIECES)
+    seen: list[tuple[int, int]] = []
+    if via == "argument":
+        fastcopy.copy_file(src, tmp_path / "dst", progress=lambda d, t: seen.append((d, t)))
+    else:
+        with fastcopy.reporting(lambda d, t: seen.append((d, t))):
+            fastcopy.copy_file(src, tmp_path / "dst")
+        fastcopy.copy_file(src, tmp_path / "dst2")            # outside: nothing more
+    data_bytes = sum(length for _, length in PIECES)
+    totals = {t for _, t in seen}
+    assert len(totals) == 1
+    total = totals.pop()
+    assert data_bytes <= total <= data_bytes + 2 * MiB         # data ranges, not 1 GiB
+    done = [d for d, _ in seen]
+    assert done[0] == 0 and done[-1] == total and done == sorted(done)
+    assert len(seen) >= 10                                     # advances chunk by chunk
+
+
+def test_range_copy_progress_counts_only_the_range(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    _make_sparse(src, 64 * MiB, [(0, 2 * MiB), (40 * MiB, 4 * MiB)])
+    seen: list[tuple[int, int]] = []
+    fastcopy.copy_file(src, tmp_path / "dst", src_offset=32 * MiB, length=32 * MiB,
+                       progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (4 * MiB, 4 * MiB)
+
+
+@pytest.mark.e2e
+@pytest.mark.root
+def test_reflink_reports_the_whole_length_once_done(xfs_reflink_dir):
+    src = xfs_reflink_dir / "src"
+    _make_sparse(src, 64 * MiB, [(0, MiB)])
+    seen: list[tuple[int, int]] = []
+    assert fastcopy.copy_file(src, xfs_reflink_dir / "dst",
+                              progress=lambda d, t: seen.append((d, t))) == fastcopy.REFLINK
+    assert seen == [(64 * MiB, 64 * MiB)]
