@@ -71,8 +71,8 @@ from ..constants import utc_timestamp
 from ..storage import catalog, db
 from ..storage.file_store import allocated_bytes
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
-from ..system import quiesce
 from ..testing.crashpoints import crashpoint
+from . import snapshot_copy
 from .boundary import about, audited
 from .disks import DiskService, publishing
 
@@ -164,8 +164,9 @@ class LifecycleService:
         crashpoint("lifecycle.after-rewrap")
         return self.store.write_header(tmp, new)
 
-    def _copy_disk(self, disk: sqlite3.Row, dst: Path) -> tuple[str, bool]:
-        """Copy a disk's container to dst, consistently; returns (method, quiesced).
+    def _copy_disk(self, disk: sqlite3.Row, dst: Path) -> tuple[str, bool, int]:
+        """Copy a disk's container to dst, consistently; returns (method,
+        quiesced, bytes copied before write).
 
         Detached (or attached read-only): under a shared lock, which a
         read-write server cannot take meanwhile.  Attached read-write: with
@@ -186,13 +187,13 @@ class LifecycleService:
                 att = catalog.get_attachment(self.conn, disk["id"])
                 if lock.held and (att is None or att["state"] == "attached"):
                     # detached, or attached read-only: nothing writes meanwhile
-                    return self.store.clone(lock, dst), False
+                    return self.store.clone(lock, dst), False, 0
                 # (an attach that has claimed the disk gets the file first: back off)
                 if not lock.held and att is not None and att["state"] == "attached" \
                         and att["control_socket"]:
-                    with quiesce.paused(att["control_socket"]):
-                        crashpoint("snapshot.paused")
-                        return self.store.clone(lock, dst), True
+                    method, cow_bytes = snapshot_copy.copy_attached(
+                        lock.fd, att["control_socket"], dst, f"disk {disk['name']!r}")
+                    return method, True, cow_bytes
             if time.monotonic() > deadline:
                 raise errors.StateError(detail=f"disk {disk['name']!r} is in use but not "
                                         "attached through blockcrypt (or still being "
@@ -233,7 +234,7 @@ class LifecycleService:
         rel_path = self.store.new_ref("snapshots", uid.hex())
         with publishing(self.store, self.store.locate(rel_path),
                         after_commit="snapshot.after-commit") as tmp:
-            method, quiesced = self._copy_disk(disk, tmp)
+            method, quiesced, cow_bytes = self._copy_disk(disk, tmp)
             crashpoint("snapshot.after-copy")
             header = self._derive(tmp, disk, kind=Kind.SNAPSHOT, uid=uid)
             crashpoint("snapshot.before-commit")
@@ -247,7 +248,7 @@ class LifecycleService:
                     cmk_id=header.cmk_id, lineage_id=disk_lineage(disk), created_at=utc_timestamp())
                 row = self._snapshot_row(snap_name)
         out = self._describe_snapshot(row)      # as created (a delete may already follow)
-        out.update(copy_method=method, quiesced=quiesced)
+        out.update(copy_method=method, quiesced=quiesced, copied_before_write_bytes=cow_bytes)
         return out
 
     def _snapshot_row(self, name: str) -> sqlite3.Row | None:

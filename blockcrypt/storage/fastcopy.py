@@ -87,7 +87,7 @@ def data_ranges(fd: int, end: int, start: int = 0):
         pos = end
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, shift: int) -> None:
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, shift: int) -> None:
     """Copy src [offset, offset + length) to dst at offset - shift."""
     end = offset + length
     pos = offset
@@ -130,7 +130,7 @@ def sparse_copy(src_fd: int, dst_fd: int, src_offset: int = 0,
         length = max(0, src_size - src_offset)
     end = min(src_offset + length, src_size)
     for offset, run in data_ranges(src_fd, end, start=src_offset):
-        _copy_range(src_fd, dst_fd, offset, run, src_offset)
+        copy_range(src_fd, dst_fd, offset, run, src_offset)
     os.ftruncate(dst_fd, length)
 
 
