@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..storage import fastcopy
 from ..storage.home import create_private_file
-from ..system import quiesce
+from ..system import fsfreeze, quiesce
 from ..system.cowclient import CowSession
 from ..testing.crashpoints import crashpoint
 from .runtime import COW_SOCKET
@@ -33,19 +33,21 @@ COPY_BEFORE_WRITE = "copy-before-write"
 
 
 def copy_attached(src_fd: int, control_socket: str, dst: Path, what: str,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[str, int]:
+                  progress: Callable[[int, int], None] | None = None,
+                  freeze: list[str] = ()) -> tuple[str, int]:
     """Copy the served container open as src_fd to the new file dst; returns the
     method (reflink, copy-before-write or sparse) and how many bytes writes
-    copied into the snapshot before changing them."""
+    copied into the snapshot before changing them.  ``freeze``: mount points
+    frozen (fsfreeze) around the point-in-time step only."""
     session = CowSession.connect(Path(control_socket).with_name(COW_SOCKET), what)
     if session is None:
-        with quiesce.paused(control_socket):
+        with fsfreeze.frozen(list(freeze)), quiesce.paused(control_socket):
             crashpoint("snapshot.paused")
             return fastcopy.copy_to_new(src_fd, dst), 0
     with session:
         dst_fd = create_private_file(dst)
         try:
-            with quiesce.paused(control_socket):
+            with fsfreeze.frozen(list(freeze)), quiesce.paused(control_socket):
                 crashpoint("snapshot.paused")
                 if fastcopy.try_reflink(src_fd, dst_fd):
                     os.fsync(dst_fd)

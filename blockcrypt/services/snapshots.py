@@ -71,8 +71,9 @@ from ..constants import utc_timestamp
 from ..storage import catalog, db
 from ..storage.file_store import allocated_bytes
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
+from ..system import fsfreeze
 from ..testing.crashpoints import crashpoint
-from . import snapshot_copy
+from . import snapshot_copy, snapshot_progress
 from .boundary import about, audited
 from .disks import DiskService, publishing
 
@@ -135,6 +136,7 @@ class LifecycleService:
         row is still there, else unlinked.  Disk files (creates, deletes,
         interrupted reset/reinit): :meth:`DiskService.recover_files`.
         """
+        snapshot_progress.in_progress(self.home.run_dir)   # clears a killed create's marker
         actions = self.disks.recover_files()
         actions += self.store.recover(self.conn, "snapshots")
         return actions
@@ -164,7 +166,8 @@ class LifecycleService:
         crashpoint("lifecycle.after-rewrap")
         return self.store.write_header(tmp, new)
 
-    def _copy_disk(self, disk: sqlite3.Row, dst: Path) -> tuple[str, bool, int]:
+    def _copy_disk(self, disk: sqlite3.Row, dst: Path, marker,
+                   freeze: bool) -> tuple[str, bool, int]:
         """Copy a disk's container to dst, consistently; returns (method,
         quiesced, bytes copied before write).
 
@@ -187,12 +190,20 @@ class LifecycleService:
                 att = catalog.get_attachment(self.conn, disk["id"])
                 if lock.held and (att is None or att["state"] == "attached"):
                     # detached, or attached read-only: nothing writes meanwhile
+                    if freeze:
+                        raise errors.StateError(
+                            detail=f"--freeze needs disk {disk['name']!r} attached "
+                                   "read-write with a mounted file system; it is not; "
+                                   "snapshot it without --freeze")
                     return self.store.clone(lock, dst), False, 0
                 # (an attach that has claimed the disk gets the file first: back off)
                 if not lock.held and att is not None and att["state"] == "attached" \
                         and att["control_socket"]:
+                    mounts = self._mounts_to_freeze(disk, att) if freeze else []
+                    marker.note(frozen=mounts, control_socket=att["control_socket"])
                     method, cow_bytes = snapshot_copy.copy_attached(
-                        lock.fd, att["control_socket"], dst, f"disk {disk['name']!r}")
+                        lock.fd, att["control_socket"], dst, f"disk {disk['name']!r}",
+                        marker.progress, mounts)
                     return method, True, cow_bytes
             if time.monotonic() > deadline:
                 raise errors.StateError(detail=f"disk {disk['name']!r} is in use but not "
@@ -200,6 +211,16 @@ class LifecycleService:
                                         "attached); retry when `blockcrypt disk show "
                                         f"{disk['name']}` says attached")
             time.sleep(0.2)
+
+    @staticmethod
+    def _mounts_to_freeze(disk: sqlite3.Row, att: sqlite3.Row) -> list[str]:
+        mounts = fsfreeze.mounts_of(att["device"]) if att["device"] else []
+        if not mounts:
+            raise errors.StateError(detail=f"--freeze: no file system of disk "
+                                    f"{disk['name']!r} is mounted (device "
+                                    f"{att['device'] or 'none: served over the network'}); "
+                                    "snapshot it without --freeze")
+        return mounts
 
     def _copy_snapshot(self, snap: sqlite3.Row, dst: Path) -> str:
         """Copy a snapshot's container (immutable: no lock needed) to dst."""
@@ -219,8 +240,9 @@ class LifecycleService:
 
     # -- snapshots ----------------------------------------------------------------
     @audited("snapshot-create", "disk:disk_name", "snapshot:snap_name")
-    def create_snapshot(self, disk_name: str, snap_name: str) -> dict:
-        """Snapshot a disk, attached or not (see the module doc)."""
+    def create_snapshot(self, disk_name: str, snap_name: str, freeze: bool = False) -> dict:
+        """Snapshot a disk, attached or not (see the module doc); ``freeze``:
+        fsfreeze the attached disk's mounted file systems around the instant."""
         names.validate_name(disk_name)
         names.validate_name(snap_name, "snapshot")
         self.recover_files()
@@ -232,9 +254,11 @@ class LifecycleService:
 
         uid = os.urandom(ID_BYTES)
         rel_path = self.store.new_ref("snapshots", uid.hex())
-        with publishing(self.store, self.store.locate(rel_path),
-                        after_commit="snapshot.after-commit") as tmp:
-            method, quiesced, cow_bytes = self._copy_disk(disk, tmp)
+        marker = snapshot_progress.SnapshotMarker(self.home.run_dir, disk["id"], disk["name"],
+                                                  snap_name)
+        with marker, publishing(self.store, self.store.locate(rel_path),
+                                after_commit="snapshot.after-commit") as tmp:
+            method, quiesced, cow_bytes = self._copy_disk(disk, tmp, marker, freeze)
             crashpoint("snapshot.after-copy")
             header = self._derive(tmp, disk, kind=Kind.SNAPSHOT, uid=uid)
             crashpoint("snapshot.before-commit")
@@ -264,7 +288,7 @@ class LifecycleService:
             "sector_size": row["sector_size"], "encrypted": bool(row["encrypted"]),
             "cmk_id": row["cmk_id"], "lineage_id": row["lineage_id"],
             "allocated_bytes": self.store.allocated_bytes(path),
-            "created_at": row["created_at"],
+            "created_at": row["created_at"], "state": "complete", "percent": 100,
         }
 
     def list_snapshots(self, disk_name: str | None = None) -> list[dict]:
@@ -276,10 +300,19 @@ class LifecycleService:
         else:
             rows = self.conn.execute("SELECT * FROM snapshots "
                                      "ORDER BY created_at, name").fetchall()
-        return [self._describe_snapshot(r) for r in rows]
+        done = [self._describe_snapshot(r) for r in rows]
+        return done + [p for p in snapshot_progress.in_progress(self.home.run_dir)
+                       if disk_name is None or p["disk_name"] == disk_name]
 
     def show_snapshot(self, name: str) -> dict:
-        return self._describe_snapshot(get_snapshot(self.conn, name))
+        """A snapshot; one still being copied shows as state 'copying' with a percent."""
+        try:
+            return self._describe_snapshot(get_snapshot(self.conn, name))
+        except errors.SnapshotNotFound:
+            for p in snapshot_progress.in_progress(self.home.run_dir):
+                if p["name"] == name:
+                    return p
+            raise
 
     @audited("snapshot-delete", "snapshot:name")
     def delete_snapshot(self, name: str) -> dict:

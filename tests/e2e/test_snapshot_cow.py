@@ -154,3 +154,81 @@ def test_reflink_snapshot_of_an_attached_disk_on_xfs(xfs_reflink_dir, passphrase
         assert dd_read(e.attach("r")["device"], 16 * MiB, 0) == OLD
     finally:
         e.cleanup()
+
+
+def test_second_snapshot_of_a_disk_is_refused_while_one_is_copied(env):
+    env.create("d", "256M")
+    dev = _attach(env, "d")
+    dd_write(dev, OLD, 0)
+    p = _popen_cli(env, "snapshot", "create", "d", "first", "--json", env={})
+
+    def copying():
+        s = json.loads(env.cli("snapshot", "show", "first", "--json", check=False).stdout
+                       or b"{}")
+        return s.get("state") == "copying" and s["percent"] > 0 and s
+
+    shown = wait_for(copying, 60, "snapshot show to report the copy in progress")
+    assert 0 < shown["percent"] < 100
+    listed = env.json("snapshot", "list")
+    assert [(s["name"], s["state"]) for s in listed] == [("first", "copying")]
+    err = env.refused(errors.StateError, "snapshot", "create", "d", "second")
+    assert "disk 'd' already has a snapshot being taken ('first'" in err
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()
+    assert [(s["name"], s["state"], s["percent"]) for s in env.json("snapshot", "list")] == \
+        [("first", "complete", 100)]
+    env.json("snapshot", "create", "d", "second")         # allowed once the first is done
+
+
+def _sync_ok(path: Path, timeout_s: float = 20) -> bool:
+    p = subprocess.Popen(["sync", "-f", str(path)])
+    try:
+        return p.wait(timeout_s) == 0
+    except subprocess.TimeoutExpired:
+        return False
+    finally:
+        if p.poll() is None:
+            subprocess.run(["fsfreeze", "-u", str(path)], capture_output=True)
+            p.wait()
+
+
+def test_freeze_thaws_on_success_error_signal_and_kill(env):
+    env.create("d", "128M")
+    dev = env.attach("d")["device"]
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+    mnt = env.mount(dev, "d")
+    (mnt / "before").write_bytes(b"x" * 4096)
+    snap = env.json("snapshot", "create", "d", "frozen", "--freeze")
+    assert snap["quiesced"] is True
+    (mnt / "after").write_bytes(b"y" * 4096)
+    assert _sync_ok(mnt / "after"), "file system still frozen after snapshot --freeze"
+    # a signal while frozen: thawed, I/O resumed, nothing created
+    p = _popen_cli(env, "snapshot", "create", "d", "sig", "--freeze",
+                   env={ENV_STOP_AT: "snapshot.paused"})
+    wait_for(lambda: p.poll() is not None or _stopped(p.pid), 60, "the freeze")
+    os.kill(p.pid, signal.SIGTERM)
+    os.kill(p.pid, signal.SIGCONT)
+    _out, err = p.communicate(timeout=60)
+    assert p.returncode == errors.StateError.exit_code, err.decode()
+    assert b"interrupted by signal" in err and b"Traceback" not in err
+    (mnt / "after-signal").write_bytes(b"z" * 4096)
+    assert _sync_ok(mnt / "after-signal"), "still frozen after a signal"
+    # kill -9 while frozen and paused: the next snapshot command thaws and resumes
+    cp = env.cli("snapshot", "create", "d", "killed", "--freeze", check=False,
+                 env={ENV_CRASH_AT: "snapshot.paused"})
+    assert cp.returncode == -signal.SIGKILL
+    env.cli("snapshot", "list")
+    (mnt / "after-kill").write_bytes(b"k" * 4096)
+    assert _sync_ok(mnt / "after-kill"), "still frozen after kill -9 and snapshot list"
+    assert [s["name"] for s in env.json("snapshot", "list")] == ["frozen"]
+    # --freeze of a disk that is not attached: refused, nothing created
+    env.create("idle", "64M")
+    err = env.refused(errors.StateError, "snapshot", "create", "idle", "x", "--freeze")
+    assert "--freeze needs disk 'idle' attached" in err
+    assert [s["name"] for s in env.json("snapshot", "list")] == ["frozen"]
+    # the frozen snapshot's file system is clean without a journal replay
+    env.umount(mnt)
+    env.cli("disk", "create", "r", "--from-snapshot", "frozen")
+    rdev = env.attach("r")["device"]
+    fsck = subprocess.run(["e2fsck", "-fn", rdev], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
