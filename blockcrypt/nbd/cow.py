@@ -28,10 +28,15 @@ Chunks are :data:`CHUNK_BYTES` of the container file (header included).  A
 chunk is copied at most once, under a striped lock: the writer or the copier,
 whichever comes first; holes in the source stay holes in the copy
 (``SEEK_DATA``).  A copied chunk is never touched again, so the copy holds
-the container exactly as it was at step 1.
+the container exactly as it was at step 1.  Copies are written with
+``O_DIRECT`` (in 256 KiB pieces) where the file system allows: gigabytes of
+dirty page cache would make every fsync of the live disk wait for their
+writeback (measured: 2 s stalls on ext4; 48 ms with O_DIRECT).
 """
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import select
 import socket
@@ -41,6 +46,10 @@ from ..storage.fastcopy import copy_range, data_ranges
 
 CHUNK_BYTES = 1024 * 1024
 _LOCK_STRIPES = 256
+DIRECT_ALIGN = 4096
+# O_DIRECT writes of this size: small enough that a live fsync queued behind one
+# waits little
+DIRECT_PIECE_BYTES = 256 * 1024
 PROGRESS_INTERVAL_S = 0.5
 # Test-only (passed by nbd/launch.py): seconds the copier waits after each chunk.
 _TEST_DELAY_S = float(os.environ.get("BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S") or 0)
@@ -66,10 +75,21 @@ class CowCopy:
         self.stopped = threading.Event()
         self.finished = threading.Event()
         self.closed = False
+        # Copies into the snapshot are written with O_DIRECT where possible: a buffered
+        # copy of gigabytes fills the page cache with dirty pages of the
+        # snapshot, and every fsync of the live disk (a journal commit of the
+        # same file system) then waits for their writeback: seconds of stall.
+        try:
+            self.direct_fd = os.open(f"/proc/self/fd/{dst_fd}",
+                                     os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self.direct_fd = None
+        self._bufs = threading.local()      # an aligned (mmap) buffer per thread
+        self._all_bufs: list[mmap.mmap] = []
 
     def _copy_chunk(self, index: int) -> bool:
         """Copy chunk index (its data ranges) unless already copied; True if
-        this call copied it."""
+        this call copied it.  O_DIRECT where possible (see __init__)."""
         if self.copied[index]:
             return False
         with self._locks[index % _LOCK_STRIPES]:
@@ -78,10 +98,41 @@ class CowCopy:
             start = index * self.chunk_bytes
             end = min(start + self.chunk_bytes, self.size_bytes)
             for offset, run in data_ranges(self.src_fd, end, start=start):
-                copy_range(self.src_fd, self.dst_fd, offset, run, 0)
+                if not self._direct_copy(offset, run):
+                    copy_range(self.src_fd, self.dst_fd, offset, run, 0)
             self.copied[index] = 1
         with self._count_lock:
             self.done_chunks += 1
+        return True
+
+    def _direct_copy(self, offset: int, length: int) -> bool:
+        """Copy with a buffered read and an O_DIRECT write; False if the range
+        cannot go that way (alignment, file system): then the caller copies it."""
+        if self.direct_fd is None or offset % DIRECT_ALIGN or length % DIRECT_ALIGN:
+            return False
+        buf = getattr(self._bufs, "buf", None)
+        if buf is None:
+            buf = self._bufs.buf = mmap.mmap(-1, self.chunk_bytes)
+            self._all_bufs.append(buf)
+        done = 0
+        with memoryview(buf) as whole:
+            while done < length:
+                n = min(DIRECT_PIECE_BYTES, length - done)
+                view = whole[:n]
+                try:
+                    if os.preadv(self.src_fd, [view], offset + done) != n:
+                        return False
+                    written = 0
+                    while written < n:
+                        written += os.pwritev(self.direct_fd, [view[written:]],
+                                              offset + done + written)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL and done == 0:
+                        return False
+                    raise
+                finally:
+                    view.release()
+                done += n
         return True
 
     def before_write(self, file_offset: int, length: int) -> None:
@@ -130,7 +181,11 @@ class CowCopy:
         finally:
             for lock in self._locks:
                 lock.release()
-        for fd in (self.src_fd, self.dst_fd):
+        for buf in self._all_bufs:
+            buf.close()
+        for fd in (self.src_fd, self.dst_fd, self.direct_fd):
+            if fd is None:
+                continue
             try:
                 os.close(fd)
             except OSError:

@@ -13,16 +13,22 @@ enough to fix the point in time, never for the copy of the data:
 - a server started without the copy-before-write socket (attached by an
   older blockcrypt): the whole sparse copy under the pause, as before.
 
-The caller (:class:`~blockcrypt.services.snapshots.LifecycleService`) owns the
-staged file's name, its publication and its removal on failure.
+:func:`copy_disk` chooses between that and the detached copy (under a shared
+lock of the container).  The caller
+(:class:`~blockcrypt.services.snapshots.LifecycleService`) owns the staged
+file's name, its publication and its removal on failure.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..storage import fastcopy
+from .. import errors
+from ..storage import catalog, fastcopy
 from ..storage.home import create_private_file
 from ..system import fsfreeze, quiesce
 from ..system.cowclient import CowSession
@@ -30,6 +36,10 @@ from ..testing.crashpoints import crashpoint
 from .runtime import COW_SOCKET
 
 COPY_BEFORE_WRITE = "copy-before-write"
+# How long a command waits for a concurrent one to settle: an attach in progress
+# (it holds the container before its row says 'attached'), or a snapshot create
+# that committed its row but has not yet renamed its file into place.
+SETTLE_TIMEOUT_S = 30.0
 
 
 def copy_attached(src_fd: int, control_socket: str, dst: Path, what: str,
@@ -57,3 +67,58 @@ def copy_attached(src_fd: int, control_socket: str, dst: Path, what: str,
             return COPY_BEFORE_WRITE, session.wait(progress)
         finally:
             os.close(dst_fd)
+
+
+def copy_disk(store, conn: sqlite3.Connection, disk: sqlite3.Row, src: Path, dst: Path,
+              marker, freeze: bool) -> tuple[str, bool, int]:
+    """Copy a disk's container to dst, consistently; returns (method,
+    quiesced, bytes copied before write).
+
+    Detached (or attached read-only): under a shared lock, which a
+    read-write server cannot take meanwhile.  Attached read-write: with
+    I/O paused through the pause filter's control socket.
+    """
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        with contextlib.ExitStack() as stack:
+            try:
+                lock = stack.enter_context(store.locked(src, exclusive=False))
+            except errors.NotFound:
+                if catalog.get_disk_by_id(conn, disk["id"]) is None:
+                    raise errors.DiskNotFound(name=disk["name"]) from None   # deleted
+                raise errors.NotFound(what="container file", name=str(src)) from None
+            # copy from this handle: the very container that was locked; not
+            # held means a read-write server holds it
+            att = catalog.get_attachment(conn, disk["id"])
+            if lock.held and (att is None or att["state"] == "attached"):
+                # detached, or attached read-only: nothing writes meanwhile
+                if freeze:
+                    raise errors.StateError(
+                        detail=f"--freeze needs disk {disk['name']!r} attached "
+                               "read-write with a mounted file system; it is not; "
+                               "snapshot it without --freeze")
+                return store.clone(lock, dst), False, 0
+            # (an attach that has claimed the disk gets the file first: back off)
+            if not lock.held and att is not None and att["state"] == "attached" \
+                    and att["control_socket"]:
+                mounts = _mounts_to_freeze(disk, att) if freeze else []
+                marker.note(frozen=mounts, control_socket=att["control_socket"])
+                method, cow_bytes = copy_attached(
+                    lock.fd, att["control_socket"], dst, f"disk {disk['name']!r}",
+                    marker.progress, mounts)
+                return method, True, cow_bytes
+        if time.monotonic() > deadline:
+            raise errors.StateError(detail=f"disk {disk['name']!r} is in use but not "
+                                    "attached through blockcrypt (or still being "
+                                    "attached); retry when `blockcrypt disk show "
+                                    f"{disk['name']}` says attached")
+        time.sleep(0.2)
+
+def _mounts_to_freeze(disk: sqlite3.Row, att: sqlite3.Row) -> list[str]:
+    mounts = fsfreeze.mounts_of(att["device"]) if att["device"] else []
+    if not mounts:
+        raise errors.StateError(detail=f"--freeze: no file system of disk "
+                                f"{disk['name']!r} is mounted (device "
+                                f"{att['device'] or 'none: served over the network'}); "
+                                "snapshot it without --freeze")
+    return mounts

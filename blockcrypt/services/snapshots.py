@@ -30,11 +30,14 @@ The rules (the cloud disk-encryption model blockcrypt follows):
   (:func:`disk_lineage`).  ``disk reset`` accepts only a snapshot of the
   disk's own lineage (:class:`~blockcrypt.errors.LineageMismatch`).
 - Snapshot while attached: I/O is paused through nbdkit's pause filter
-  (:mod:`blockcrypt.system.quiesce`), which answers only once every in-flight request
-  has completed; every acknowledged write is then in the container file, the
-  copy is taken, and I/O resumes.  The image is crash-consistent: a mounted
+  (:mod:`blockcrypt.system.quiesce`), which answers only once every in-flight
+  request has completed, just long enough to fix the instant: a reflink, or
+  the start of the plugin's copy-before-write (:mod:`.snapshot_copy`); the
+  data is copied after I/O resumed.  The image is crash-consistent: a mounted
   journalling file system on it recovers as after a power cut, and everything
-  the writer had fsynced is in it.  A detached disk is copied under a shared
+  the writer had fsynced is in it (``--freeze``: clean, see
+  :mod:`blockcrypt.system.fsfreeze`).  One snapshot of a disk at a time
+  (:mod:`.snapshot_progress`).  A detached disk is copied under a shared
   ``flock`` of its container, so a concurrent attach fails instead of writing
   into the copy.
 - Export: only an unencrypted snapshot can be exported, as a raw (sparse)
@@ -60,7 +63,6 @@ attach either comes first (and the reset is refused) or serves the new file.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import time
@@ -71,17 +73,11 @@ from ..constants import utc_timestamp
 from ..storage import catalog, db
 from ..storage.file_store import allocated_bytes
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
-from ..system import fsfreeze
 from ..testing.crashpoints import crashpoint
 from . import snapshot_copy, snapshot_progress
 from .boundary import about, audited
 from .disks import DiskService, publishing
-
-# How long a command waits for a concurrent one to settle: an attach in progress
-# (it holds the container before its row says 'attached'), or a snapshot create
-# that committed its row but has not yet renamed its file into place.
-SETTLE_TIMEOUT_S = 30.0
-
+from .snapshot_copy import SETTLE_TIMEOUT_S
 
 
 def disk_lineage(disk: sqlite3.Row) -> str:
@@ -166,62 +162,6 @@ class LifecycleService:
         crashpoint("lifecycle.after-rewrap")
         return self.store.write_header(tmp, new)
 
-    def _copy_disk(self, disk: sqlite3.Row, dst: Path, marker,
-                   freeze: bool) -> tuple[str, bool, int]:
-        """Copy a disk's container to dst, consistently; returns (method,
-        quiesced, bytes copied before write).
-
-        Detached (or attached read-only): under a shared lock, which a
-        read-write server cannot take meanwhile.  Attached read-write: with
-        I/O paused through the pause filter's control socket.
-        """
-        src = self.path_of(disk)
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        while True:
-            with contextlib.ExitStack() as stack:
-                try:
-                    lock = stack.enter_context(self.store.locked(src, exclusive=False))
-                except errors.NotFound:
-                    if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
-                        raise errors.DiskNotFound(name=disk["name"]) from None   # deleted
-                    raise errors.NotFound(what="container file", name=str(src)) from None
-                # copy from this handle: the very container that was locked; not
-                # held means a read-write server holds it
-                att = catalog.get_attachment(self.conn, disk["id"])
-                if lock.held and (att is None or att["state"] == "attached"):
-                    # detached, or attached read-only: nothing writes meanwhile
-                    if freeze:
-                        raise errors.StateError(
-                            detail=f"--freeze needs disk {disk['name']!r} attached "
-                                   "read-write with a mounted file system; it is not; "
-                                   "snapshot it without --freeze")
-                    return self.store.clone(lock, dst), False, 0
-                # (an attach that has claimed the disk gets the file first: back off)
-                if not lock.held and att is not None and att["state"] == "attached" \
-                        and att["control_socket"]:
-                    mounts = self._mounts_to_freeze(disk, att) if freeze else []
-                    marker.note(frozen=mounts, control_socket=att["control_socket"])
-                    method, cow_bytes = snapshot_copy.copy_attached(
-                        lock.fd, att["control_socket"], dst, f"disk {disk['name']!r}",
-                        marker.progress, mounts)
-                    return method, True, cow_bytes
-            if time.monotonic() > deadline:
-                raise errors.StateError(detail=f"disk {disk['name']!r} is in use but not "
-                                        "attached through blockcrypt (or still being "
-                                        "attached); retry when `blockcrypt disk show "
-                                        f"{disk['name']}` says attached")
-            time.sleep(0.2)
-
-    @staticmethod
-    def _mounts_to_freeze(disk: sqlite3.Row, att: sqlite3.Row) -> list[str]:
-        mounts = fsfreeze.mounts_of(att["device"]) if att["device"] else []
-        if not mounts:
-            raise errors.StateError(detail=f"--freeze: no file system of disk "
-                                    f"{disk['name']!r} is mounted (device "
-                                    f"{att['device'] or 'none: served over the network'}); "
-                                    "snapshot it without --freeze")
-        return mounts
-
     def _copy_snapshot(self, snap: sqlite3.Row, dst: Path) -> str:
         """Copy a snapshot's container (immutable: no lock needed) to dst."""
         path = self.path_of(snap)
@@ -258,7 +198,8 @@ class LifecycleService:
                                                   snap_name)
         with marker, publishing(self.store, self.store.locate(rel_path),
                                 after_commit="snapshot.after-commit") as tmp:
-            method, quiesced, cow_bytes = self._copy_disk(disk, tmp, marker, freeze)
+            method, quiesced, cow_bytes = snapshot_copy.copy_disk(
+                self.store, self.conn, disk, self.path_of(disk), tmp, marker, freeze)
             crashpoint("snapshot.after-copy")
             header = self._derive(tmp, disk, kind=Kind.SNAPSHOT, uid=uid)
             crashpoint("snapshot.before-commit")
