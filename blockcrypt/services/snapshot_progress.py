@@ -1,7 +1,7 @@
 """Snapshots being taken: one marker file per disk, for refusal and progress.
 
 Owns ``run/.snapshots/<disk id>.json`` (a name no disk can have: names never
-start with '.'), created with ``O_EXCL`` by ``snapshot create`` before it copies
+start with '.'; the folder is removed with its last marker), created with ``O_EXCL`` by ``snapshot create`` before it copies
 anything and removed when it ends, whatever the outcome.  It records the
 snapshot's name, the disk's, the creator's pid and start time, and the bytes
 copied so far (rewritten atomically as the copy advances).  A second
@@ -39,25 +39,34 @@ class SnapshotMarker:
         self._last = 0.0
 
     def __enter__(self) -> SnapshotMarker:
+        for _ in range(5):
+            try:
+                if self._claim():
+                    return self
+            except FileNotFoundError:
+                continue            # the folder was removed empty meanwhile: again
+        raise errors.StateError(detail=f"another snapshot of disk "
+                                f"{self.info['disk_name']!r} is starting; retry")
+
+    def _claim(self) -> bool:
+        """Create the marker; False if a stale one was cleared (try again)."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.info))
         try:
-            for _ in range(2):
-                try:
-                    os.link(tmp, self.path)      # whole, or not at all; never replaces
-                    return self
-                except FileExistsError:
-                    other = _read(self.path)
-                    if other is not None and _live(other):
-                        raise errors.StateError(
-                            detail=f"disk {other['disk_name']!r} already has a snapshot "
-                                   f"being taken ({other['name']!r}, {_percent(other)}% "
-                                   f"copied); wait for it (`blockcrypt snapshot show "
-                                   f"{other['name']}`) and retry") from None
-                    _clear_stale(self.path, other)
-            raise errors.StateError(detail=f"another snapshot of disk "
-                                    f"{self.info['disk_name']!r} is starting; retry")
+            tmp.write_text(json.dumps(self.info))
+            try:
+                os.link(tmp, self.path)          # whole, or not at all; never replaces
+                return True
+            except FileExistsError:
+                other = _read(self.path)
+                if other is not None and _live(other):
+                    raise errors.StateError(
+                        detail=f"disk {other['disk_name']!r} already has a snapshot "
+                               f"being taken ({other['name']!r}, {_percent(other)}% "
+                               f"copied); wait for it (`blockcrypt snapshot show "
+                               f"{other['name']}`) and retry") from None
+                _clear_stale(self.path, other)
+                return False
         finally:
             _unlink(tmp)
 
@@ -85,6 +94,7 @@ class SnapshotMarker:
 
     def __exit__(self, *exc) -> None:
         _unlink(self.path)
+        _remove_if_empty(self.dir)
 
 
 def in_progress(run_dir: Path) -> list[dict]:
@@ -115,6 +125,7 @@ def _clear_stale(path: Path, info: dict | None) -> None:
     for mp in info.get("frozen") or ():
         fsfreeze.thaw(mp)
     _unlink(path)
+    _remove_if_empty(path.parent)
 
 
 def _percent(info: dict) -> int:
@@ -131,6 +142,14 @@ def _read(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _remove_if_empty(d: Path) -> None:
+    """The folder goes when its last marker does: run/ holds only attached disks."""
+    try:
+        d.rmdir()
+    except OSError:
+        pass                    # not empty (another create), or already gone
 
 
 def _unlink(path: Path) -> None:
