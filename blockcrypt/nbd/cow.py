@@ -51,6 +51,7 @@ DIRECT_ALIGN = 4096
 # waits little
 DIRECT_PIECE_BYTES = 256 * 1024
 PROGRESS_INTERVAL_S = 0.5
+REQUEST_TIMEOUT_S = 30.0
 # Test-only (passed by nbd/launch.py): seconds the copier waits after each chunk.
 _TEST_DELAY_S = float(os.environ.get("BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S") or 0)
 
@@ -230,6 +231,7 @@ class CowServer:
                     pass                     # the client went away: copy abandoned
 
     def _session(self, conn: socket.socket) -> None:
+        conn.settimeout(REQUEST_TIMEOUT_S)  # a silent client must not hold the socket
         msg, fds, _flags, _addr = socket.recv_fds(conn, 1, 1)
         if msg != b"S" or len(fds) != 1:
             for fd in fds:
