@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PYTEST  := $(PY) -m pytest
 LINK    := $(or $(BLOCKCRYPT_LINK),/usr/local/bin/blockcrypt)
 
-.PHONY: install test test-quick test-sanitize demo bench fuzz stress guest clean
+.PHONY: install test test-quick test-sanitize demo bench bench-snapshot fuzz stress guest clean
 
 # Debian packages, .venv, and (as root) the link /usr/local/bin/blockcrypt -> .venv/bin/blockcrypt.
 install:
@@ -27,6 +27,10 @@ demo: install
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 	$(PY) scripts/bench_attach.py
+
+# Write stalls during snapshot create (issue 14); needs root. BENCH_SNAPSHOT_ARGS=--sizes 1G
+bench-snapshot: install
+	$(PY) scripts/bench_snapshot.py $(BENCH_SNAPSHOT_ARGS)
 
 fuzz: install
 	BLOCKCRYPT_FUZZ_EXAMPLES=$${BLOCKCRYPT_FUZZ_EXAMPLES:-20000} $(PYTEST) -q -m fuzz

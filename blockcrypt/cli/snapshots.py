@@ -22,6 +22,10 @@ def lifecycle(app: App):
 
 
 def _print_snapshot(s: dict) -> None:
+    if s["state"] != "complete":
+        click.echo(format_fields([("name", s["name"]), ("disk", s["disk_name"]),
+                                  ("state", f"{s['state']} ({s['percent']}% copied)")]))
+        return
     rows = [
         ("name", s["name"]), ("id", s["id"]),
         ("disk", s["disk_name"] + ("" if s["disk_exists"] else " (deleted)")),
@@ -40,10 +44,12 @@ def _print_list(snaps: list[dict]) -> None:
         click.echo("no snapshots; take one with `blockcrypt snapshot create DISK NAME`")
         return
     click.echo(format_table(
-        ["NAME", "DISK", "SIZE", "ALLOCATED", "ENCRYPTED", "CMK", "CREATED"],
-        [[s["name"], s["disk_name"], human_size(s["size_bytes"]),
+        ["NAME", "DISK", "STATE", "SIZE", "ALLOCATED", "ENCRYPTED", "CMK", "CREATED"],
+        [[s["name"], s["disk_name"], "complete", human_size(s["size_bytes"]),
           human_size(s["allocated_bytes"]), "yes" if s["encrypted"] else "no",
-          s["cmk_id"], s["created_at"]] for s in snaps]))
+          s["cmk_id"], s["created_at"]] if s["state"] == "complete" else
+         [s["name"], s["disk_name"], f"copying {s['percent']}%", human_size(s["total_bytes"]),
+          "-", "-", "-", "-"] for s in snaps]))
 
 
 @cli.group("snapshot")
@@ -55,17 +61,24 @@ def snapshot_group():
 @snapshot_group.command("create")
 @click.argument("disk")
 @click.argument("name")
+@click.option("--freeze", is_flag=True,
+              help="Freeze DISK's mounted file system (fsfreeze) around the instant: an "
+                   "application-consistent snapshot (DISK attached and mounted here).")
 @json_option
 @pass_app
-def create_cmd(app: App, disk, name):
+def create_cmd(app: App, disk, name, freeze):
     """Snapshot DISK as NAME, whether DISK is attached or not.
 
-    While attached, I/O is paused for the copy (crash-consistent: a mounted
-    file system keeps working and recovers on the copy as after a power cut).
+    While attached, I/O is paused only to fix the instant (milliseconds): a
+    reflink where the file system has one (XFS, btrfs), else the data is copied
+    in the background while writes go on, each first saving the old data it
+    overwrites into the snapshot (copy-before-write).  Crash-consistent: a
+    mounted file system recovers on the copy as after a power cut; --freeze
+    makes it clean.
     """
     with lifecycle(app) as life, shown(app.json_output, f"snapshot {name} of disk {disk}"):
-        s = life.create_snapshot(disk, name)
-    how = "I/O paused for the copy" if s["quiesced"] else "disk not in use"
+        s = life.create_snapshot(disk, name, freeze=freeze)
+    how = "I/O paused to fix the instant" if s["quiesced"] else "disk not in use"
     app.emit(s, f"created snapshot {name} of disk {disk} ({s['copy_method']} copy, {how}; "
                 f"{human_size(s['allocated_bytes'])} allocated)")
 

@@ -141,6 +141,7 @@ class DiskBackend:
         self.size_bytes = header.size_bytes
         self.sector_size = header.sector_size
         self.encrypted = header.encrypted
+        self._cow = None        # a snapshot being copied (copy-before-write), see nbd/cow.py
         dp = compiled.datapath() if engine != "reference" else None
         raw = volume.raw_file()
         if engine == "compiled" and (dp is None or raw is None):
@@ -181,6 +182,9 @@ class DiskBackend:
 
     def pwrite(self, buf, offset: int, fua: bool) -> None:
         """Write ``buf`` (any length) at ``offset``; durable on return if ``fua``."""
+        cow = self._cow
+        if cow is not None:
+            cow.before_write(self.header.data_offset + offset, len(buf))
         self._write(buf, offset)
         if fua:
             self.volume.flush()
@@ -193,6 +197,9 @@ class DiskBackend:
         (as dm-crypt allow_discards does); otherwise encrypted zeros are
         written, indistinguishable from other data.
         """
+        cow = self._cow
+        if cow is not None:
+            cow.before_write(self.header.data_offset + offset, count)
         self._zero(offset, count, self.discard and may_trim)
         if fua:
             self.volume.flush()
@@ -212,6 +219,18 @@ class DiskBackend:
         self._check_range(count, offset)
         if self.discard:
             self.zero(count, offset, may_trim=True, fua=fua)
+
+    def source_fd(self) -> int:
+        """The container file's descriptor (for a snapshot's background copy)."""
+        raw = self.volume.raw_file()
+        if raw is None:
+            raise OSError(errno.ENOTSUP, f"{self.path} is not a file")
+        return raw[0]
+
+    def set_cow(self, cow) -> None:
+        """Install (or, with None, remove) a :class:`~.cow.CowCopy` whose
+        ``before_write`` runs before every change to the container."""
+        self._cow = cow
 
     def flush(self) -> None:
         """Make every write that has returned durable (fdatasync)."""

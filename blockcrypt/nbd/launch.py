@@ -38,13 +38,22 @@ def plugin_pythonpath() -> list[str]:
     return paths
 
 
+# Test-only: slow the background snapshot copy (seconds per chunk) so a test can
+# overwrite ranges before the copier reaches them.  Never set outside tests.
+TESTONLY_COW_DELAY = "BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S"
+
+
 def plugin_env() -> dict[str, str]:
     """The whole environment for nbdkit: PATH, PYTHONPATH and a fixed locale.
 
     Nothing else of the caller's environment is passed on, so nothing secret
-    can reach nbdkit that way (the data key travels through a pipe).
+    can reach nbdkit that way (the data key travels through a pipe), except
+    the test-only knob :data:`TESTONLY_COW_DELAY` (see :mod:`.cow`).
     """
-    return {"PATH": os.environ.get("PATH", DEFAULT_PATH),
-            "PYTHONPATH": os.pathsep.join(plugin_pythonpath()),
-            "PYTHONNOUSERSITE": "1",
-            "LC_ALL": "C.UTF-8"}
+    env = {"PATH": os.environ.get("PATH", DEFAULT_PATH),
+           "PYTHONPATH": os.pathsep.join(plugin_pythonpath()),
+           "PYTHONNOUSERSITE": "1",
+           "LC_ALL": "C.UTF-8"}
+    if TESTONLY_COW_DELAY in os.environ:
+        env[TESTONLY_COW_DELAY] = os.environ[TESTONLY_COW_DELAY]
+    return env

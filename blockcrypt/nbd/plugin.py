@@ -18,6 +18,8 @@ Config keys (anything else is refused):
   the environment, nbdkit's ``-v`` log (which prints every key=value, hence
   only the descriptor number goes there) or a file.
 - ``readonly``: serve read-only (writes fail with EROFS); default false.
+- ``cowctl``: a Unix socket path on which the plugin accepts copy-before-write
+  snapshots (:mod:`blockcrypt.nbd.cow`); optional.
 - ``discard``: let trim and zero deallocate (leaks which ranges are unused,
   like dm-crypt allow_discards); default false.
 
@@ -42,6 +44,7 @@ import nbdkit
 from blockcrypt.constants import DK_BYTES
 from blockcrypt.crypto import compiled, secret
 from blockcrypt.nbd.backend import DiskBackend, errno_for
+from blockcrypt.nbd.cow import CowServer
 from blockcrypt.storage.volume import FileVolume
 
 API_VERSION = 2
@@ -57,6 +60,8 @@ _readonly = False
 _discard = False
 _dk: secret.Secret | None = None
 _backend: DiskBackend | None = None
+_cowctl: str | None = None
+_cow_server: CowServer | None = None
 
 _FLAG_FUA = nbdkit.FLAG_FUA
 
@@ -74,7 +79,7 @@ def _parse_bool(key: str, value: str) -> bool:
 
 
 def config(key: str, value: str) -> None:
-    global _file, _keyfd, _readonly, _discard
+    global _file, _keyfd, _readonly, _discard, _cowctl
     if key == "file":
         _file = value
     elif key == "keyfd":
@@ -88,10 +93,12 @@ def config(key: str, value: str) -> None:
         _readonly = _parse_bool(key, value)
     elif key == "discard":
         _discard = _parse_bool(key, value)
+    elif key == "cowctl":
+        _cowctl = value
     else:
         # Name the key only: a mistyped parameter could carry something secret.
         raise ValueError(f"unknown parameter {key!r}; "
-                         "accepted: file, keyfd, readonly, discard")
+                         "accepted: file, keyfd, readonly, discard, cowctl")
 
 
 def config_complete() -> None:
@@ -113,9 +120,11 @@ def thread_model():
 
 def get_ready() -> None:
     """Open the container before serving, so a bad file or key fails at start-up."""
-    global _backend, _dk
+    global _backend, _dk, _cow_server
     try:
         _backend = DiskBackend(FileVolume(_file, read_only=_readonly), _dk, discard=_discard)
+        if _cowctl is not None and not _readonly:
+            _cow_server = CowServer(_cowctl, _backend)
     finally:
         # The cipher holds its own mlocked copy of the key; drop ours now.
         if _dk is not None:
@@ -125,7 +134,10 @@ def get_ready() -> None:
 
 def cleanup() -> None:
     """Wipe the key (the cipher's copy) and close the container."""
-    global _backend, _dk
+    global _backend, _dk, _cow_server
+    if _cow_server is not None:
+        _cow_server.close()
+        _cow_server = None
     if _backend is not None:
         _backend.close()
         _backend = None

@@ -45,6 +45,9 @@ LOG_TAIL_CHARS = 1500
 # Names inside a run directory.
 NBD_SOCKET = "nbd.sock"
 CONTROL_SOCKET = "ctl.sock"
+# The plugin's copy-before-write snapshot socket (blockcrypt/nbd/cow.py), beside
+# the pause filter's: snapshots find it from the attachment's control_socket.
+COW_SOCKET = "cow.sock"
 NBDKIT_PIDFILE = "nbdkit.pid"
 NBDKIT_LOG = "nbdkit.log"
 NBDFUSE_PIDFILE = "nbdfuse.pid"
@@ -143,7 +146,8 @@ def start_nbdkit(name: str, container: Path, *, discard: bool, dk: Secret | None
             discard=discard, keyfd=keyfd, pidfile=pidfile,
             pause_control=run_dir / CONTROL_SOCKET, unix_socket=unix_socket, tcp=tcp,
             exit_with_parent=serve, tls=tls, tls_psk=tls_psk, tls_certificates=tls_certificates,
-            threads=commands.NBDKIT_THREADS if threads is None else threads)
+            threads=commands.NBDKIT_THREADS if threads is None else threads,
+            cow_control=None if read_only else run_dir / COW_SOCKET)
         with private_umask():
             log = open(log_path, "ab")
         with log:

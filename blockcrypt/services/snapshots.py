@@ -30,11 +30,14 @@ The rules (the cloud disk-encryption model blockcrypt follows):
   (:func:`disk_lineage`).  ``disk reset`` accepts only a snapshot of the
   disk's own lineage (:class:`~blockcrypt.errors.LineageMismatch`).
 - Snapshot while attached: I/O is paused through nbdkit's pause filter
-  (:mod:`blockcrypt.system.quiesce`), which answers only once every in-flight request
-  has completed; every acknowledged write is then in the container file, the
-  copy is taken, and I/O resumes.  The image is crash-consistent: a mounted
+  (:mod:`blockcrypt.system.quiesce`), which answers only once every in-flight
+  request has completed, just long enough to fix the instant: a reflink, or
+  the start of the plugin's copy-before-write (:mod:`.snapshot_copy`); the
+  data is copied after I/O resumed.  The image is crash-consistent: a mounted
   journalling file system on it recovers as after a power cut, and everything
-  the writer had fsynced is in it.  A detached disk is copied under a shared
+  the writer had fsynced is in it (``--freeze``: clean, see
+  :mod:`blockcrypt.system.fsfreeze`).  One snapshot of a disk at a time
+  (:mod:`.snapshot_progress`).  A detached disk is copied under a shared
   ``flock`` of its container, so a concurrent attach fails instead of writing
   into the copy.
 - Export: only an unencrypted snapshot can be exported, as a raw (sparse)
@@ -60,7 +63,6 @@ attach either comes first (and the reset is refused) or serves the new file.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import time
@@ -71,16 +73,11 @@ from ..constants import utc_timestamp
 from ..storage import catalog, db
 from ..storage.file_store import allocated_bytes
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
-from ..system import quiesce
 from ..testing.crashpoints import crashpoint
+from . import snapshot_copy, snapshot_progress
 from .boundary import about, audited
 from .disks import DiskService, publishing
-
-# How long a command waits for a concurrent one to settle: an attach in progress
-# (it holds the container before its row says 'attached'), or a snapshot create
-# that committed its row but has not yet renamed its file into place.
-SETTLE_TIMEOUT_S = 30.0
-
+from .snapshot_copy import SETTLE_TIMEOUT_S
 
 
 def disk_lineage(disk: sqlite3.Row) -> str:
@@ -135,6 +132,7 @@ class LifecycleService:
         row is still there, else unlinked.  Disk files (creates, deletes,
         interrupted reset/reinit): :meth:`DiskService.recover_files`.
         """
+        snapshot_progress.in_progress(self.home.run_dir)   # clears a killed create's marker
         actions = self.disks.recover_files()
         actions += self.store.recover(self.conn, "snapshots")
         return actions
@@ -164,42 +162,6 @@ class LifecycleService:
         crashpoint("lifecycle.after-rewrap")
         return self.store.write_header(tmp, new)
 
-    def _copy_disk(self, disk: sqlite3.Row, dst: Path) -> tuple[str, bool]:
-        """Copy a disk's container to dst, consistently; returns (method, quiesced).
-
-        Detached (or attached read-only): under a shared lock, which a
-        read-write server cannot take meanwhile.  Attached read-write: with
-        I/O paused through the pause filter's control socket.
-        """
-        src = self.path_of(disk)
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        while True:
-            with contextlib.ExitStack() as stack:
-                try:
-                    lock = stack.enter_context(self.store.locked(src, exclusive=False))
-                except errors.NotFound:
-                    if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
-                        raise errors.DiskNotFound(name=disk["name"]) from None   # deleted
-                    raise errors.NotFound(what="container file", name=str(src)) from None
-                # copy from this handle: the very container that was locked; not
-                # held means a read-write server holds it
-                att = catalog.get_attachment(self.conn, disk["id"])
-                if lock.held and (att is None or att["state"] == "attached"):
-                    # detached, or attached read-only: nothing writes meanwhile
-                    return self.store.clone(lock, dst), False
-                # (an attach that has claimed the disk gets the file first: back off)
-                if not lock.held and att is not None and att["state"] == "attached" \
-                        and att["control_socket"]:
-                    with quiesce.paused(att["control_socket"]):
-                        crashpoint("snapshot.paused")
-                        return self.store.clone(lock, dst), True
-            if time.monotonic() > deadline:
-                raise errors.StateError(detail=f"disk {disk['name']!r} is in use but not "
-                                        "attached through blockcrypt (or still being "
-                                        "attached); retry when `blockcrypt disk show "
-                                        f"{disk['name']}` says attached")
-            time.sleep(0.2)
-
     def _copy_snapshot(self, snap: sqlite3.Row, dst: Path) -> str:
         """Copy a snapshot's container (immutable: no lock needed) to dst."""
         path = self.path_of(snap)
@@ -218,8 +180,9 @@ class LifecycleService:
 
     # -- snapshots ----------------------------------------------------------------
     @audited("snapshot-create", "disk:disk_name", "snapshot:snap_name")
-    def create_snapshot(self, disk_name: str, snap_name: str) -> dict:
-        """Snapshot a disk, attached or not (see the module doc)."""
+    def create_snapshot(self, disk_name: str, snap_name: str, freeze: bool = False) -> dict:
+        """Snapshot a disk, attached or not (see the module doc); ``freeze``:
+        fsfreeze the attached disk's mounted file systems around the instant."""
         names.validate_name(disk_name)
         names.validate_name(snap_name, "snapshot")
         self.recover_files()
@@ -231,9 +194,12 @@ class LifecycleService:
 
         uid = os.urandom(ID_BYTES)
         rel_path = self.store.new_ref("snapshots", uid.hex())
-        with publishing(self.store, self.store.locate(rel_path),
-                        after_commit="snapshot.after-commit") as tmp:
-            method, quiesced = self._copy_disk(disk, tmp)
+        marker = snapshot_progress.SnapshotMarker(self.home.run_dir, disk["id"], disk["name"],
+                                                  snap_name)
+        with marker, publishing(self.store, self.store.locate(rel_path),
+                                after_commit="snapshot.after-commit") as tmp:
+            method, quiesced, cow_bytes = snapshot_copy.copy_disk(
+                self.store, self.conn, disk, self.path_of(disk), tmp, marker, freeze)
             crashpoint("snapshot.after-copy")
             header = self._derive(tmp, disk, kind=Kind.SNAPSHOT, uid=uid)
             crashpoint("snapshot.before-commit")
@@ -247,7 +213,7 @@ class LifecycleService:
                     cmk_id=header.cmk_id, lineage_id=disk_lineage(disk), created_at=utc_timestamp())
                 row = self._snapshot_row(snap_name)
         out = self._describe_snapshot(row)      # as created (a delete may already follow)
-        out.update(copy_method=method, quiesced=quiesced)
+        out.update(copy_method=method, quiesced=quiesced, copied_before_write_bytes=cow_bytes)
         return out
 
     def _snapshot_row(self, name: str) -> sqlite3.Row | None:
@@ -263,7 +229,7 @@ class LifecycleService:
             "sector_size": row["sector_size"], "encrypted": bool(row["encrypted"]),
             "cmk_id": row["cmk_id"], "lineage_id": row["lineage_id"],
             "allocated_bytes": self.store.allocated_bytes(path),
-            "created_at": row["created_at"],
+            "created_at": row["created_at"], "state": "complete", "percent": 100,
         }
 
     def list_snapshots(self, disk_name: str | None = None) -> list[dict]:
@@ -275,10 +241,19 @@ class LifecycleService:
         else:
             rows = self.conn.execute("SELECT * FROM snapshots "
                                      "ORDER BY created_at, name").fetchall()
-        return [self._describe_snapshot(r) for r in rows]
+        done = [self._describe_snapshot(r) for r in rows]
+        return done + [p for p in snapshot_progress.in_progress(self.home.run_dir)
+                       if disk_name is None or p["disk_name"] == disk_name]
 
     def show_snapshot(self, name: str) -> dict:
-        return self._describe_snapshot(get_snapshot(self.conn, name))
+        """A snapshot; one still being copied shows as state 'copying' with a percent."""
+        try:
+            return self._describe_snapshot(get_snapshot(self.conn, name))
+        except errors.SnapshotNotFound:
+            for p in snapshot_progress.in_progress(self.home.run_dir):
+                if p["name"] == name:
+                    return p
+            raise
 
     @audited("snapshot-delete", "snapshot:name")
     def delete_snapshot(self, name: str) -> dict:

@@ -120,10 +120,10 @@ def data_ranges(fd: int, end: int, start: int = 0):
         pos = end
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, shift: int,
-                advanced: Callable[[int], None]) -> None:
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, shift: int,
+               advanced: Callable[[int], None] | None = None) -> None:
     """Copy src [offset, offset + length) to dst at offset - shift; ``advanced(n)``
-    after each chunk of n bytes."""
+    after each chunk of n bytes, if given."""
     end = offset + length
     pos = offset
     use_cfr = True
@@ -151,7 +151,8 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, shift: int,
                 written += os.pwrite(dst_fd, view[written:], pos - shift + written)
             n = len(buf)
         pos += n
-        advanced(n)
+        if advanced is not None:
+            advanced(n)
 
 
 def sparse_copy(src_fd: int, dst_fd: int, src_offset: int = 0,
@@ -178,7 +179,7 @@ def sparse_copy(src_fd: int, dst_fd: int, src_offset: int = 0,
         report(min(done_bytes, total_bytes), total_bytes)
 
     for offset, run in ranges:
-        _copy_range(src_fd, dst_fd, offset, run, src_offset, advanced)
+        copy_range(src_fd, dst_fd, offset, run, src_offset, advanced)
     os.ftruncate(dst_fd, length)
 
 

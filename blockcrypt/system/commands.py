@@ -54,12 +54,14 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
                 unix_socket: Path | None = None, tcp: tuple[str, int] | None = None,
                 exit_with_parent: bool = False, tls: str = "off",
                 tls_psk: Path | None = None, tls_certificates: Path | None = None,
-                threads: int = NBDKIT_THREADS) -> list[str]:
+                threads: int = NBDKIT_THREADS,
+                cow_control: Path | None = None) -> list[str]:
     """nbdkit serving one container through the blockcrypt Python plugin.
 
     The pause filter is always stacked on top so a snapshot can quiesce I/O
     through ``pause_control`` while the disk is in use.  ``keyfd`` names an
     inherited descriptor carrying the data key (None for unencrypted disks).
+    ``cow_control``: the plugin's copy-before-write snapshot socket (nbd/cow.py).
     tls: "off", "on" or "require" (nbdkit's --tls); with "on"/"require" exactly
     one of tls_psk / tls_certificates must be given; with certificates every
     client must present one signed by the directory's CA (``--tls-verify-peer``).
@@ -101,6 +103,8 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
     argv += [f"readonly={'true' if read_only else 'false'}",
              f"discard={'true' if discard else 'false'}",
              f"pause-control={pause_control}"]
+    if cow_control is not None:
+        argv.append(f"cowctl={cow_control}")
     return argv
 
 

@@ -29,7 +29,9 @@ Robustness (from the filter's implementation in nbdkit 1.32):
   :func:`nudge_resume` on the same socket ends it, and every disk command
   nudges the disks it finds attached.
 - Kernel NBD clients time out if a pause lasts long (nbd-client's timeout),
-  so keep the work inside :func:`paused` short: a reflink or sparse copy.
+  so keep the work inside :func:`paused` short: a snapshot does a reflink or
+  starts the plugin's copy-before-write there, never the copy itself
+  (:mod:`blockcrypt.services.snapshot_copy`).
 """
 from __future__ import annotations
 

@@ -230,7 +230,7 @@ def _assert_consistent(env: Env, lineage_dk: dict[str, bytes]) -> None:
 
 def test_attach_while_a_snapshot_copies_the_detached_disk(home, passphrase_file, tmp_path):
     """`snapshot create` copies a detached disk under a shared flock of its container
-    (blockcrypt.services.snapshots._copy_disk).  An attach that comes in meanwhile must
+    (blockcrypt.services.snapshot_copy.copy_disk).  An attach that comes in meanwhile must
     either wait for the copy or refuse cleanly (one line, a documented state
     error, no traceback), never fail as a server crash."""
     require_block_devices()

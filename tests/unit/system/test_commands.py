@@ -38,6 +38,13 @@ def test_nbdkit_argv_attach():
                       "discard=false", f"pause-control={RUN / 'ctl.sock'}"]
 
 
+def test_nbdkit_argv_cow_control():
+    """The copy-before-write socket (nbd/cow.py) is a plugin parameter, last."""
+    argv = _nbdkit(cow_control=RUN / "cow.sock")
+    assert argv[-2:] == [f"pause-control={RUN / 'ctl.sock'}", f"cowctl={RUN / 'cow.sock'}"]
+    assert not any(a.startswith("cowctl=") for a in _nbdkit())
+
+
 def test_nbdkit_argv_threads():
     argv = _nbdkit()
     assert argv[argv.index("--threads") + 1] == str(commands.NBDKIT_THREADS) == "4"
