@@ -45,6 +45,9 @@ class SnapshotMarker:
                     return self
             except FileNotFoundError:
                 continue            # the folder was removed empty meanwhile: again
+            except OSError as exc:  # a full home (NoSpace: HomeFull at the boundary)
+                _remove_if_empty(self.dir)
+                raise errors.storage_error(self.path, exc, "snapshot marker") from None
         raise errors.StateError(detail=f"another snapshot of disk "
                                 f"{self.info['disk_name']!r} is starting; retry")
 
