@@ -53,7 +53,9 @@ if [[ $what == valgrind || $what == all ]]; then
     "tests/unit/nbd/test_backend.py::test_overlapping_concurrent_writes_equal_some_serial_order[compiled]"
     "tests/unit/nbd/test_backend.py::test_reads_past_end_of_a_short_file_are_zeros[compiled]"
   )
-  PYTHONMALLOC=malloc valgrind --tool=memcheck --error-exitcode=99 --leak-check=no \
+  # --fair-sched=yes: without it one thread that drops and retakes the GIL around each
+  # request can starve the others under valgrind's serialised scheduler.
+  PYTHONMALLOC=malloc valgrind --tool=memcheck --error-exitcode=99 --leak-check=no --fair-sched=yes \
       --suppressions=scripts/valgrind-python.supp --quiet \
       $PY -m pytest -q -p no:cacheprovider -x "${VG_TESTS[@]}"
   echo "valgrind memcheck: clean"
