@@ -36,16 +36,6 @@ OLD = bytes(range(256)) * (16 * MiB // 256)          # 16 MiB written before the
 NEW = b"\xa5" * (16 * MiB)                           # overwrites after it
 
 
-@pytest.fixture
-def env(home, passphrase_file, tmp_path):
-    require_block_devices()
-    e = Env(home, passphrase_file, tmp_path)
-    try:
-        yield e
-    finally:
-        e.cleanup()
-
-
 def _popen_cli(e: Env, *args, env: dict) -> subprocess.Popen:
     argv = [sys.executable, "-m", "blockcrypt", "--home", str(e.home), "--passphrase-file",
             str(e.passphrase_file), *args]
