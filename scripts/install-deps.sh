@@ -13,13 +13,16 @@ cd "$(dirname "$0")/.."
 # nbdkit's Python plugin embeds /usr/bin/python3, so the venv must be built from
 # that interpreter (see ../shared/ENVIRONMENT.md).  gcc, python3-dev and libssl-dev
 # build the compiled data path (blockcrypt/crypto/_datapath_src/) at `pip install`;
-# valgrind checks it (make test-sanitize).
+# valgrind checks it (make test-sanitize).  The Ceph daemons and python3-rados/rbd
+# serve RBD stores and the tests' throwaway cluster (scripts/ceph-test-cluster.sh);
+# qemu-block-extra gives qemu-nbd its rbd driver, the C peer in `make bench`.
 APT_PACKAGES=(
   nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client
   fuse3 e2fsprogs python3-venv util-linux kmod rsync cryptsetup-bin
   openssl fio qemu-utils qemu-system-x86 busybox-static xfsprogs
   softhsm2 systemd
   gcc python3-dev libssl-dev valgrind
+  ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd qemu-block-extra
 )
 APT_PACKAGES+=(${BLOCKCRYPT_EXTRA_APT:-})
 

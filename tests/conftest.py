@@ -85,6 +85,16 @@ def kmip_server(tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory):
+    """One real single-node Ceph cluster (mon, mgr, one bluestore OSD on 127.0.0.1)
+    for the whole test session (see support.ceph); about 6 s to start."""
+    from support.ceph import start_cluster
+    cluster = start_cluster(tmp_path_factory.mktemp("ceph"))
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(params=["local", "pkcs11", "kmip"])
 def provider_name(request) -> str:
     """Every key provider, for the tests that must hold for each: ``local``, the name of
