@@ -270,6 +270,11 @@ class DiskService:
             att = catalog.get_attachment(self.conn, disk["id"])
             if att is not None:
                 raise self.in_use_error(disk["name"], att)
+            from .rbd_snapshots import dependants
+            deps = dependants(self, disk)
+            if deps:
+                raise errors.StateError(detail=f"disk {name!r} has {', '.join(deps)}; "
+                                               "delete them first")
             doomed = self.store.doom(self.path_of(disk))
             catalog.delete_disk(self.conn, disk["id"])
             crashpoint("disk-delete.in-txn")

@@ -165,3 +165,73 @@ def test_two_hosts_share_a_store_and_one_server_at_a_time(kmip_server, ceph_clus
     finally:
         for e in hosts.values():
             e.cleanup()
+
+
+def test_snapshots_clones_and_reset_on_rbd(env, ceph_cluster, tmp_path):
+    """Snapshots of an RBD disk are RBD snapshots (attached: I/O paused only while it is
+    taken), disks from them are clones with their own id and the same data key, reset
+    is a rollback; what depends on what is never deleted; the mission's refusals hold."""
+    keyring = ceph_cluster.add_client("blockcrypt", tmp_path / "k.keyring")
+    assert _add(env, ceph_cluster, keyring).returncode == 0
+    env.cli("key", "create", "--alias", "app")
+    env.cli("key", "create", "--alias", "other")
+    d = env.create("src", "64M", "--key", "app", "--store", "ceph")
+    first, second = os.urandom(MiB), os.urandom(MiB)
+    dev = env.attach("src")["device"]
+    dd_write(dev, first, 2 * MiB)
+    snap = env.json("snapshot", "create", "src", "s1")          # attached
+    assert snap["copy_method"] == "rbd-snapshot" and snap["quiesced"] is True
+    assert snap["path"] == f"rbd:ceph/bc-{d['id']}@{snap['id']}"
+    assert snap["id"] in [s for s in ceph_cluster.rbd(
+        "snap", "ls", f"{ceph_cluster.pool}/bc-{d['id']}").stdout.split()]
+    dd_write(dev, second, 2 * MiB)                              # after the instant
+    env.detach("src")
+
+    # refusals of the mission, nothing created
+    env.refused(errors.ConversionRefused, "disk", "create", "x", "--from-snapshot", "s1",
+                "--no-encrypted")
+    env.refused(errors.CmkChangeRefused, "disk", "create", "x", "--from-snapshot", "s1",
+                "--key", "other")
+    env.refused(errors.ExportRefused, "snapshot", "export", "s1", str(tmp_path / "s1.img"))
+    assert not (tmp_path / "s1.img").exists()
+
+    c = env.json("disk", "create", "clone", "--from-snapshot", "s1")
+    assert c["store"] == "ceph" and c["id"] not in (d["id"], snap["id"])
+    assert c["cmk_id"] == d["cmk_id"] and c["lineage_id"] == d["lineage_id"]
+    info = ceph_cluster.rbd("info", "--format", "json", f"{ceph_cluster.pool}/bc-{c['id']}")
+    assert f"bc-{d['id']}" in info.stdout and snap["id"] in info.stdout   # an RBD clone
+    exported = ceph_cluster.export(c["path"], tmp_path / "clone.bcd")
+    from blockcrypt.storage import container
+    h = container.read_header(exported)
+    assert h.uid_hex == c["id"] and h.kind == container.Kind.DISK and h.encrypted
+    dev = env.attach("clone")["device"]
+    assert dd_read(dev, MiB, 2 * MiB) == first                  # the instant's data
+    dd_write(dev, second, 10 * MiB)
+    env.detach("clone")
+
+    msg = env.refused(errors.StateError, "snapshot", "delete", "s1")
+    assert "disk clone" in msg
+    msg = env.refused(errors.StateError, "disk", "delete", "src")
+    assert "snapshot s1" in msg
+
+    env.cli("disk", "reset", "src", "--snapshot", "s1")         # rollback
+    dev = env.attach("src")["device"]
+    assert dd_read(dev, MiB, 2 * MiB) == first
+    assert dd_read(dev, MiB, 10 * MiB) == bytes(MiB)            # the clone's write stays there
+    env.refused(errors.DiskAttached, "disk", "reset", "src", "--snapshot", "s1")
+    env.detach("src")
+
+    env.cli("disk", "delete", "clone")
+    env.cli("snapshot", "delete", "s1")
+    env.cli("disk", "delete", "src")
+    assert not [i for i in ceph_cluster.images() if d["id"] in i or c["id"] in i]
+
+    # a plain disk's snapshot exports as a raw image
+    env.create("plain", "16M", "--no-encrypted", "--store", "ceph")
+    dev = env.attach("plain")["device"]
+    dd_write(dev, first, MiB)
+    env.detach("plain")
+    env.cli("snapshot", "create", "plain", "p1")
+    out = tmp_path / "p1.img"
+    env.cli("snapshot", "export", "p1", str(out))
+    assert out.stat().st_size == 16 * MiB and out.read_bytes()[MiB:2 * MiB] == first
