@@ -90,8 +90,8 @@ class DiskService:
     ``conn`` is the catalog's SQLite connection; ``keys`` is the
     :class:`~blockcrypt.kms.provider.KeyProvider` that wraps and unwraps data
     keys (the services never read key tables themselves).  ``store`` keeps the
-    containers (:class:`~blockcrypt.storage.file_store.FileStore` under the
-    home).  ``attachments`` (:class:`~blockcrypt.services.attach.Attachments`)
+    containers (:class:`~blockcrypt.storage.stores.Stores`: files under the home,
+    RBD pools).  ``attachments`` (:class:`~blockcrypt.services.attach.Attachments`)
     holds the attachment rules and reads ``conn`` from here, so the one
     connection ``serve`` replaces is seen by both.
     """

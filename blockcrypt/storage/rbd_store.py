@@ -215,6 +215,10 @@ class RbdStore(Store[RbdLoc]):
 
     def grow(self, loc: RbdLoc, header: Header) -> Header:
         with self.image(loc) as img:
+            if lock_owners(img):     # only the lock owner may write the header (F-40)
+                raise errors.StateError(detail=f"{loc.owner} is served (on this or another "
+                                        "host); a disk on Ceph grows while detached: detach "
+                                        "it, resize, attach again")
             return container.grow_on(RbdDevice(img), str(loc), header.size_bytes,
                                      wrapped_dk=header.wrapped_dk if header.encrypted else None,
                                      cmk_version=header.cmk_version if header.encrypted
