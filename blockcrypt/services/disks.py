@@ -145,6 +145,8 @@ class DiskService:
     def read_header(self, disk: sqlite3.Row) -> Header:
         """The disk's container header, checked against its catalog row."""
         path = self.path_of(disk)
+        if isinstance(path, RbdLoc) and not self.store.exists(path):
+            self.recover_files()    # now that its store is open: a killed create's image
         if not self.store.exists(path):
             if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
                 raise errors.DiskNotFound(name=disk["name"])    # deleted meanwhile
@@ -265,6 +267,8 @@ class DiskService:
         self.recover_files()
         disk = self.disk_row(name)
         self.cleanup_stale(disk["id"])
+        if isinstance(self.path_of(disk), RbdLoc):
+            self.store.recover(self.conn, "snapshots")   # a killed snapshot's staged snap
         with db.write_txn(self.conn):
             disk = self.disk_row(name)
             att = catalog.get_attachment(self.conn, disk["id"])

@@ -235,3 +235,60 @@ def test_snapshots_clones_and_reset_on_rbd(env, ceph_cluster, tmp_path):
     out = tmp_path / "p1.img"
     env.cli("snapshot", "export", "p1", str(out))
     assert out.stat().st_size == 16 * MiB and out.read_bytes()[MiB:2 * MiB] == first
+
+
+CREATE_STEPS = ["disk-create.after-file", "disk-create.in-txn", "disk-create.after-row"]
+DELETE_STEPS = ["disk-delete.in-txn", "disk-delete.after-row"]
+SNAPSHOT_STEPS = ["snapshot.before-commit", "snapshot.after-commit"]
+
+
+def test_killed_creates_and_deletes_leave_nothing_behind(env, ceph_cluster, tmp_path):
+    """kill -9 (crash point) of `disk create --store`, `disk delete` and `snapshot create`
+    of an RBD disk at each step: the next command on the store finishes or undoes it:
+    an image exists exactly when its row does, and no staged image or snapshot stays."""
+    from blockcrypt.testing.crashpoints import ENV_CRASH_AT
+    keyring = ceph_cluster.add_client("blockcrypt", tmp_path / "k.keyring")
+    assert _add(env, ceph_cluster, keyring).returncode == 0
+
+    def crash(step: str, *argv: str) -> None:
+        cp = env.cli(*argv, check=False, env={ENV_CRASH_AT: step})
+        assert cp.returncode == -signal.SIGKILL, (step, cp.returncode, cp.stderr.decode())
+
+    def ours() -> list[str]:
+        ids = {d["id"] for d in env.json("disk", "list")}
+        return [i for i in ceph_cluster.images() if any(x in i for x in ids) or ".tmp-" in i
+                or ".deleted-" in i]
+
+    for i, step in enumerate(CREATE_STEPS):
+        crash(step, "disk", "create", f"c{i}", "--size", "16M", "--store", "ceph")
+        env.create(f"n{i}", "16M", "--store", "ceph")   # uses the store: recovers it
+        rows = {d["name"]: d for d in env.json("disk", "list")}
+        committed = step == "disk-create.after-row"   # in-txn: never committed
+        assert (f"c{i}" in rows) == committed, step
+        images = ceph_cluster.images()
+        assert not [n for n in images if ".tmp-" in n], (step, images)
+        for d in rows.values():
+            assert f"bc-{d['id']}" in images, (step, d["name"])
+        if committed:
+            env.attach(f"c{i}")                          # a real, usable disk
+            env.detach(f"c{i}")
+    for step in DELETE_STEPS:
+        victim = next(d for d in env.json("disk", "list") if d["name"].startswith("n"))
+        crash(step, "disk", "delete", victim["name"])
+        env.create(f"after-{step}", "16M", "--store", "ceph")
+        names = [d["name"] for d in env.json("disk", "list")]
+        images = ceph_cluster.images()
+        committed = step == "disk-delete.after-row"
+        assert (victim["name"] in names) != committed, step
+        assert (f"bc-{victim['id']}" in images) != committed, step
+        assert not [n for n in images if ".deleted-" in n], (step, images)
+    disk = env.json("disk", "list")[0]
+    for step in SNAPSHOT_STEPS:
+        crash(step, "snapshot", "create", disk["name"], f"s-{step}")
+        env.json("snapshot", "list")       # snapshot commands recover the staged snap
+        env.create(f"x-{step}", "16M", "--store", "ceph")
+        env.json("snapshot", "list")
+        snaps = ceph_cluster.rbd("snap", "ls", f"{ceph_cluster.pool}/bc-{disk['id']}").stdout
+        assert ".tmp-" not in snaps, (step, snaps)
+        rows = [s["name"] for s in env.json("snapshot", "list")]
+        assert (f"s-{step}" in rows) == (step == "snapshot.after-commit"), step
