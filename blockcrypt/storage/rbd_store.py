@@ -330,7 +330,22 @@ class RbdStore(Store[RbdLoc]):
         return self._rename(staged.image, final.image)
 
     def swap(self, staged: RbdLoc, final: RbdLoc) -> None:
-        raise errors.InvalidInput(detail="replacing an RBD disk's image is not supported yet")
+        """Replace ``final`` by ``staged`` (reinit): ``final`` is renamed to its doomed
+        name, ``staged`` into place, then the old image removed.  A crash in between
+        leaves the old or the new image once :meth:`recover` ran.  Refused while
+        ``final`` has snapshots (they belong to that image)."""
+        snaps = self._snaps_or_empty(final)
+        if snaps:
+            raise errors.StateError(detail=f"{final.owner} has RBD snapshots "
+                                    f"({', '.join(snaps)}); delete them first")
+        doomed = final.named(f"{final.image}{DELETED_MARK}{host_name()}")
+        if not self._rename(final.image, doomed.image):
+            raise errors.ImageMissing(image=final.image, owner=final.owner, store=final.store)
+        if not self._rename(staged.image, final.image):
+            self._rename(doomed.image, final.image)
+            raise errors.StateError(detail=f"the new image of {final.owner} disappeared; "
+                                    "nothing was changed")
+        self.remove(doomed)
 
     def discard(self, staged: RbdLoc) -> None:
         self.remove(staged)
@@ -434,9 +449,9 @@ class RbdStore(Store[RbdLoc]):
         if not mine:
             return []
         actions = []
-        live = set(self.images())
         with db.write_txn(conn):
-            for name in mine:
+            for name in sorted(mine, key=lambda n: DELETED_MARK in n):   # staged first
+                live = set(self.images())
                 obj_id = name[len(IMAGE_PREFIX):].split(".", 1)[0]
                 final = f"{IMAGE_PREFIX}{obj_id}"
                 ref = f"{REF_PREFIX}{self.cfg.name}/{final}"
@@ -459,7 +474,10 @@ class RbdStore(Store[RbdLoc]):
                 elif has_row and final not in live:
                     self._rename(name, final)
                     actions.append(f"restored {ref} (delete did not commit)")
-                elif not has_row:
+                elif has_row:      # the old image of a reinit whose new one is in place
+                    self.remove(loc)
+                    actions.append(f"removed replaced {REF_PREFIX}{self.cfg.name}/{name}")
+                else:
                     self.remove(loc)
                     actions.append(f"removed deleted {REF_PREFIX}{self.cfg.name}/{name}")
         return actions

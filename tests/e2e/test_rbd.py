@@ -221,8 +221,20 @@ def test_snapshots_clones_and_reset_on_rbd(env, ceph_cluster, tmp_path):
     env.refused(errors.DiskAttached, "disk", "reset", "src", "--snapshot", "s1")
     env.detach("src")
 
+    # reinit: the clone back to the snapshot's data (a new clone swapped in), the
+    # source refused while its image has snapshots, then blank once they are gone
+    env.cli("disk", "reinit", "clone")
+    dev = env.attach("clone")["device"]
+    assert dd_read(dev, MiB, 10 * MiB) == bytes(MiB) and dd_read(dev, MiB, 2 * MiB) == first
+    env.detach("clone")
+    assert "snapshots" in env.refused(errors.StateError, "disk", "reinit", "src")
     env.cli("disk", "delete", "clone")
     env.cli("snapshot", "delete", "s1")
+    env.cli("disk", "reinit", "src")
+    dev = env.attach("src")["device"]
+    assert dd_read(dev, MiB, 2 * MiB) == bytes(MiB)
+    env.detach("src")
+    assert not [i for i in ceph_cluster.images() if ".tmp-" in i or ".deleted-" in i]
     env.cli("disk", "delete", "src")
     assert not [i for i in ceph_cluster.images() if d["id"] in i or c["id"] in i]
 
