@@ -294,9 +294,9 @@ def test_concurrent_attaches_exactly_one_wins(env):
 
 # -- serve ---------------------------------------------------------------------------------------
 
-def test_serve_unix_nbdinfo_nbdcopy_and_stop(env):
+def test_serve_unix_nbdinfo_nbdcopy_and_stop(env, store_args):
     require_tools("nbdinfo", "nbdcopy")
-    env.create("srv", "64M")
+    env.create("srv", "64M", *store_args(env.cli))
     sock = env.tmp / "srv.sock"
     p, info = start_serve(env, "srv", "--unix", str(sock))
     try:

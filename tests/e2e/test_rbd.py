@@ -141,6 +141,7 @@ def test_two_hosts_share_a_store_and_one_server_at_a_time(kmip_server, ceph_clus
         # One server at a time: A is refused, naming B (host, home).
         msg = A.refused(errors.DiskHeld, "disk", "attach", "vol")
         assert str(B.home) in msg and "--break-lock" in msg
+        A.refused(errors.DiskHeld, "disk", "serve", "vol", "--unix", str(tmp_path / "a.sock"))
         assert A.json("disk", "show", "vol")["state"] == "available"
 
         # B writes, then its server dies (kill -9): the lock is not broken silently.
