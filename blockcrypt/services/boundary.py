@@ -40,8 +40,8 @@ _TABLES = {"disk": "disks", "snapshot": "snapshots"}
 
 def object_id(conn: sqlite3.Connection, what: str, name) -> str | None:
     """The id of the disk or snapshot ``name`` in the catalog, None if there is none."""
-    if not isinstance(name, str):
-        return None
+    if not isinstance(name, str) or what not in _TABLES:
+        return None                     # a store is known by its name alone
     row = conn.execute(f"SELECT id FROM {_TABLES[what]} WHERE name = ?", (name,)).fetchone()
     return row["id"] if row else None
 
@@ -98,8 +98,8 @@ def about(what: str, name: str, home: Path, file: Path | str | None = None) -> I
     try:
         yield
     except errors.NoSpace as e:
-        if isinstance(e, errors.HomeFull):
-            raise
+        if isinstance(e, errors.HomeFull) or str(e.fields.get("path", "")).startswith("rbd:"):
+            raise                     # (a full Ceph cluster is not a full home)
         raise errors.HomeFull(home=str(home), what=label) from None
     except errors.BlockcryptError as e:
         new = _rewrite(e, what, name, home, file)
