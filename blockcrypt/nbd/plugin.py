@@ -20,6 +20,9 @@ Config keys (anything else is refused):
 - ``readonly``: serve read-only (writes fail with EROFS); default false.
 - ``cowctl``: a Unix socket path on which the plugin accepts copy-before-write
   snapshots (:mod:`blockcrypt.nbd.cow`); optional.
+- ``snapdir``: the folder where ``snapshot create`` of a detached disk waits
+  for a server to take its copy over (:func:`blockcrypt.nbd.cow.take_over`,
+  socket ``<snapdir>/<disk id>.sock``); optional, read-write only.
 - ``discard``: let trim and zero deallocate (leaks which ranges are unused,
   like dm-crypt allow_discards); default false.
 
@@ -44,7 +47,8 @@ import nbdkit
 from blockcrypt.constants import DK_BYTES
 from blockcrypt.crypto import compiled, secret
 from blockcrypt.nbd.backend import DiskBackend, errno_for
-from blockcrypt.nbd.cow import CowServer
+from blockcrypt.nbd.cow import CowServer, take_over
+from blockcrypt.storage.chunkcopy import handoff_socket
 from blockcrypt.storage.volume import FileVolume
 
 API_VERSION = 2
@@ -61,6 +65,7 @@ _discard = False
 _dk: secret.Secret | None = None
 _backend: DiskBackend | None = None
 _cowctl: str | None = None
+_snapdir: str | None = None
 _cow_server: CowServer | None = None
 
 _FLAG_FUA = nbdkit.FLAG_FUA
@@ -79,7 +84,7 @@ def _parse_bool(key: str, value: str) -> bool:
 
 
 def config(key: str, value: str) -> None:
-    global _file, _keyfd, _readonly, _discard, _cowctl
+    global _file, _keyfd, _readonly, _discard, _cowctl, _snapdir
     if key == "file":
         _file = value
     elif key == "keyfd":
@@ -95,10 +100,12 @@ def config(key: str, value: str) -> None:
         _discard = _parse_bool(key, value)
     elif key == "cowctl":
         _cowctl = value
+    elif key == "snapdir":
+        _snapdir = value
     else:
         # Name the key only: a mistyped parameter could carry something secret.
         raise ValueError(f"unknown parameter {key!r}; "
-                         "accepted: file, keyfd, readonly, discard, cowctl")
+                         "accepted: file, keyfd, readonly, discard, cowctl, snapdir")
 
 
 def config_complete() -> None:
@@ -123,6 +130,9 @@ def get_ready() -> None:
     global _backend, _dk, _cow_server
     try:
         _backend = DiskBackend(FileVolume(_file, read_only=_readonly), _dk, discard=_discard)
+        if _snapdir is not None and not _readonly:
+            # a detached snapshot still copying: continue it before any write
+            take_over(handoff_socket(_snapdir, _backend.header.uid_hex), _backend)
         if _cowctl is not None and not _readonly:
             _cow_server = CowServer(_cowctl, _backend)
     finally:
