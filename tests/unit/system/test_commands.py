@@ -45,6 +45,13 @@ def test_nbdkit_argv_cow_control():
     assert not any(a.startswith("cowctl=") for a in _nbdkit())
 
 
+def test_nbdkit_argv_snapshot_dir():
+    """Where a detached disk's snapshot copy waits for the server (nbd/cow.py take_over)."""
+    argv = _nbdkit(cow_control=RUN / "cow.sock", snapshot_dir=RUN.parent / ".snapshots")
+    assert argv[-1] == f"snapdir={RUN.parent / '.snapshots'}"
+    assert not any(a.startswith("snapdir=") for a in _nbdkit())
+
+
 def test_nbdkit_argv_threads():
     argv = _nbdkit()
     assert argv[argv.index("--threads") + 1] == str(commands.NBDKIT_THREADS) == "4"
