@@ -227,8 +227,12 @@ class DiskBackend:
             raise OSError(errno.ENOTSUP, f"{self.path} is not a file")
         return raw[0]
 
+    def current_cow(self):
+        """The :class:`~blockcrypt.storage.chunkcopy.CowCopy` installed, or None."""
+        return self._cow
+
     def set_cow(self, cow) -> None:
-        """Install (or, with None, remove) a :class:`~.cow.CowCopy` whose
+        """Install (or, with None, remove) a :class:`~blockcrypt.storage.chunkcopy.CowCopy` whose
         ``before_write`` runs before every change to the container."""
         self._cow = cow
 

@@ -24,173 +24,43 @@ and the half-written file is the client's to discard.  If the server dies, the
 client sees the connection close and discards it.  Neither can lose a write:
 copy-before-write only ever *reads* the container, before the write proceeds.
 
-Chunks are :data:`CHUNK_BYTES` of the container file (header included).  A
-chunk is copied at most once, under a striped lock: the writer or the copier,
-whichever comes first; holes in the source stay holes in the copy
-(``SEEK_DATA``).  A copied chunk is never touched again, so the copy holds
-the container exactly as it was at step 1.  Copies are written with
-``O_DIRECT`` (in 256 KiB pieces) where the file system allows: gigabytes of
-dirty page cache would make every fsync of the live disk wait for their
-writeback (measured: 2 s stalls on ext4; 48 ms with O_DIRECT).
+Taking over a detached disk's snapshot (:func:`take_over`, called by the plugin
+at start-up with the container locked, before it serves a request): ``snapshot
+create`` of a detached disk fixes the instant under the container's lock, then
+copies in the background with the lock released, listening on
+``run/.snapshots/<disk id>.sock`` (the plugin's ``snapdir=``).  A read-write
+server that opens the container meanwhile connects there first:
+
+1. the server sends ``T<st_dev> <st_ino>\\n`` of the container it opened;
+2. ``snapshot create`` answers ``N`` (no copy of that file: a reset replaced
+   it, or the copy just finished) or, between two chunks, stops copying and
+   answers ``T`` with the snapshot file's descriptor, then
+   ``<size_bytes> <chunk_bytes> <chunks>\\n`` and one byte per chunk (1:
+   copied);
+3. the server installs the copy (every later write copies first), answers
+   ``S`` and continues it exactly as in step 3 above, on this connection.
+
+A refused or closed connection means no copy is running (its creator is gone
+or done): the server serves without copying.  The copy itself (chunks,
+``O_DIRECT``, holes) is :class:`~blockcrypt.storage.chunkcopy.CowCopy`.
 """
 from __future__ import annotations
 
-import errno
-import mmap
 import os
 import select
 import socket
 import threading
 
-from ..storage.fastcopy import copy_range, data_ranges
+from ..storage.chunkcopy import CowCopy
+from ..system.unixpath import unix_socket_path
 
-CHUNK_BYTES = 1024 * 1024
-_LOCK_STRIPES = 256
-DIRECT_ALIGN = 4096
-# O_DIRECT writes of this size: small enough that a live fsync queued behind one
-# waits little
-DIRECT_PIECE_BYTES = 256 * 1024
+__all__ = ["CowCopy", "CowServer", "take_over"]
+
 PROGRESS_INTERVAL_S = 0.5
 REQUEST_TIMEOUT_S = 30.0
-# Test-only (passed by nbd/launch.py): seconds the copier waits after each chunk.
-_TEST_DELAY_S = float(os.environ.get("BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S") or 0)
-
-
-class CowCopy:
-    """One snapshot being copied from src_fd (the container) to dst_fd."""
-
-    def __init__(self, src_fd: int, dst_fd: int, chunk_bytes: int = CHUNK_BYTES):
-        # a description of our own: SEEK_DATA moves its offset, not the server's
-        self.src_fd = os.open(f"/proc/self/fd/{src_fd}", os.O_RDONLY | os.O_CLOEXEC)
-        self.dst_fd = dst_fd
-        self.chunk_bytes = chunk_bytes
-        self.size_bytes = os.fstat(self.src_fd).st_size
-        os.ftruncate(dst_fd, self.size_bytes)
-        self.chunks = -(-self.size_bytes // chunk_bytes)
-        self.copied = bytearray(self.chunks)
-        self.done_chunks = 0
-        self.before_write_chunks = 0     # chunks a write copied first (not the copier)
-        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self._count_lock = threading.Lock()
-        self.error: BaseException | None = None
-        self.stopped = threading.Event()
-        self.finished = threading.Event()
-        self.closed = False
-        # Copies into the snapshot are written with O_DIRECT where possible: a buffered
-        # copy of gigabytes fills the page cache with dirty pages of the
-        # snapshot, and every fsync of the live disk (a journal commit of the
-        # same file system) then waits for their writeback: seconds of stall.
-        try:
-            self.direct_fd = os.open(f"/proc/self/fd/{dst_fd}",
-                                     os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:
-            self.direct_fd = None
-        self._bufs = threading.local()      # an aligned (mmap) buffer per thread
-        self._all_bufs: list[mmap.mmap] = []
-
-    def _copy_chunk(self, index: int) -> bool:
-        """Copy chunk index (its data ranges) unless already copied; True if
-        this call copied it.  O_DIRECT where possible (see __init__)."""
-        if self.copied[index]:
-            return False
-        with self._locks[index % _LOCK_STRIPES]:
-            if self.copied[index] or self.closed:
-                return False    # closed: an abandoned copy, the write just proceeds
-            start = index * self.chunk_bytes
-            end = min(start + self.chunk_bytes, self.size_bytes)
-            for offset, run in data_ranges(self.src_fd, end, start=start):
-                if not self._direct_copy(offset, run):
-                    copy_range(self.src_fd, self.dst_fd, offset, run, 0)
-            self.copied[index] = 1
-        with self._count_lock:
-            self.done_chunks += 1
-        return True
-
-    def _direct_copy(self, offset: int, length: int) -> bool:
-        """Copy with a buffered read and an O_DIRECT write; False if the range
-        cannot go that way (alignment, file system): then the caller copies it."""
-        if self.direct_fd is None or offset % DIRECT_ALIGN or length % DIRECT_ALIGN:
-            return False
-        buf = getattr(self._bufs, "buf", None)
-        if buf is None:
-            buf = self._bufs.buf = mmap.mmap(-1, self.chunk_bytes)
-            self._all_bufs.append(buf)
-        done = 0
-        with memoryview(buf) as whole:
-            while done < length:
-                n = min(DIRECT_PIECE_BYTES, length - done)
-                view = whole[:n]
-                try:
-                    if os.preadv(self.src_fd, [view], offset + done) != n:
-                        return False
-                    written = 0
-                    while written < n:
-                        written += os.pwritev(self.direct_fd, [view[written:]],
-                                              offset + done + written)
-                except OSError as exc:
-                    if exc.errno == errno.EINVAL and done == 0:
-                        return False
-                    raise
-                finally:
-                    view.release()
-                done += n
-        return True
-
-    def before_write(self, file_offset: int, length: int) -> None:
-        """Called before the container's [file_offset, +length) changes."""
-        if length <= 0:
-            return
-        first = file_offset // self.chunk_bytes
-        last = min((file_offset + length - 1) // self.chunk_bytes, self.chunks - 1)
-        try:
-            for index in range(first, last + 1):
-                if self._copy_chunk(index):
-                    with self._count_lock:
-                        self.before_write_chunks += 1
-        except Exception as exc:  # noqa: BLE001 - the snapshot fails, never the write
-            self.error = exc
-            self.stopped.set()
-
-    def run(self) -> None:
-        """The background copier: every chunk in order (a hole costs one
-        ``SEEK_DATA``), then fsync."""
-        try:
-            for index in range(self.chunks):
-                if self.stopped.is_set():
-                    return
-                if self._copy_chunk(index) and _TEST_DELAY_S:
-                    self.stopped.wait(_TEST_DELAY_S)
-            if self.error is None:
-                os.fsync(self.dst_fd)
-        except BaseException as exc:  # noqa: BLE001 - reported to the client
-            self.error = exc
-        finally:
-            self.finished.set()
-
-    @property
-    def done_bytes(self) -> int:
-        return min(self.done_chunks * self.chunk_bytes, self.size_bytes)
-
-    def close(self) -> None:
-        """Close both descriptors once no chunk copy is running (idempotent)."""
-        for lock in self._locks:
-            lock.acquire()
-        try:
-            if self.closed:
-                return
-            self.closed = True
-        finally:
-            for lock in self._locks:
-                lock.release()
-        for buf in self._all_bufs:
-            buf.close()
-        for fd in (self.src_fd, self.dst_fd, self.direct_fd):
-            if fd is None:
-                continue
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+# How long a starting server waits for ``snapshot create`` of a detached disk to
+# hand its copy over (it answers between two chunks: milliseconds).
+TAKE_OVER_TIMEOUT_S = 30.0
 
 
 class CowServer:
@@ -238,6 +108,10 @@ class CowServer:
                 os.close(fd)
             conn.sendall(b"Eexpected S and one descriptor\n")
             return
+        if self.backend.current_cow() is not None:
+            os.close(fds[0])
+            conn.sendall(b"Ea snapshot of this disk is already being copied\n")
+            return
         try:
             copy = CowCopy(self.backend.source_fd(), fds[0])
         except OSError as exc:
@@ -245,29 +119,13 @@ class CowServer:
             conn.sendall(f"Ecannot start the copy: {exc.strerror or exc}\n".encode())
             return
         self.backend.set_cow(copy)
-        worker = threading.Thread(target=copy.run, name="blockcrypt-cow-copy", daemon=True)
         try:
             conn.sendall(b"S")
-            worker.start()
-            while not copy.finished.wait(PROGRESS_INTERVAL_S):
-                ready, _, _ = select.select([conn], [], [], 0)
-                if ready and not conn.recv(1):
-                    return               # client gone: finally stops the copy
-                conn.sendall(f"P{copy.done_bytes} {copy.size_bytes}\n".encode())
-            if copy.error is not None or copy.stopped.is_set():
-                exc = copy.error
-                text = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                conn.sendall(f"Ecopy failed: {text}\n".encode())
-            else:
-                self.backend.set_cow(None)
-                cow_bytes = copy.before_write_chunks * copy.chunk_bytes
-                conn.sendall(f"P{copy.size_bytes} {copy.size_bytes}\nD{cow_bytes}\n".encode())
-        finally:
-            copy.stopped.set()
+        except OSError:
             self.backend.set_cow(None)
-            if worker.is_alive():
-                worker.join()
             copy.close()
+            raise
+        run_copy(conn, copy, self.backend)
 
     def close(self) -> None:
         self.sock.close()
@@ -276,3 +134,119 @@ class CowServer:
         except OSError:
             pass
 
+
+def run_copy(conn: socket.socket, copy: CowCopy, backend) -> None:
+    """Run the background copier of an installed copy and report on conn
+    (``P``, then ``D`` or ``E``); stop copying before writes when it ends or
+    the client goes away."""
+    worker = threading.Thread(target=copy.run, name="blockcrypt-cow-copy", daemon=True)
+    try:
+        worker.start()
+        while not copy.finished.wait(PROGRESS_INTERVAL_S):
+            ready, _, _ = select.select([conn], [], [], 0)
+            if ready and not conn.recv(1):
+                return               # client gone: finally stops the copy
+            conn.sendall(f"P{copy.done_bytes} {copy.size_bytes}\n".encode())
+        if copy.error is not None or copy.stopped.is_set():
+            exc = copy.error
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            conn.sendall(f"Ecopy failed: {text}\n".encode())
+        else:
+            backend.set_cow(None)
+            cow_bytes = copy.before_write_chunks * copy.chunk_bytes
+            conn.sendall(f"P{copy.size_bytes} {copy.size_bytes}\nD{cow_bytes}\n".encode())
+    except OSError:
+        pass                         # the client went away: copy abandoned
+    finally:
+        copy.stopped.set()
+        backend.set_cow(None)
+        if worker.is_alive():
+            worker.join()
+        copy.close()
+
+
+def _read_line(conn: socket.socket, buf: bytearray, limit: int = 256) -> bytes:
+    while b"\n" not in buf:
+        chunk = conn.recv(4096)
+        if not chunk or len(buf) > limit:
+            raise EOFError
+        buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return line
+
+
+def _read_exact(conn: socket.socket, buf: bytearray, n: int) -> bytes:
+    while len(buf) < n:
+        chunk = conn.recv(max(4096, n - len(buf)))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    out = bytes(buf[:n])
+    del buf[:n]
+    return out
+
+
+def take_over(path: str, backend) -> threading.Thread | None:
+    """Continue the copy of a snapshot of this (detached until now) container
+    that ``snapshot create`` is making, if there is one (see the module doc);
+    returns the thread that runs it, or None.  Call before serving.
+
+    RuntimeError (the server does not start) if ``snapshot create`` does not
+    answer within :data:`TAKE_OVER_TIMEOUT_S`: serving without the copy could
+    change ranges it has not copied yet."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(TAKE_OVER_TIMEOUT_S)
+    try:
+        with unix_socket_path(path) as short:
+            sock.connect(short)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        sock.close()
+        return None                      # no copy running, or its creator is gone
+    try:
+        st = os.fstat(backend.source_fd())
+        sock.sendall(f"T{st.st_dev} {st.st_ino}\n".encode())
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+        if msg != b"T" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            sock.close()
+            return None                  # N, or closed: the copy is done or abandoned
+    except TimeoutError:
+        sock.close()
+        raise RuntimeError(f"a snapshot being copied from this disk ({path}) did not "
+                           f"answer within {TAKE_OVER_TIMEOUT_S:g} s; retry") from None
+    except (ConnectionError, EOFError):
+        sock.close()
+        return None                      # its creator died: nothing will be published
+    dst_fd = fds[0]
+    try:
+        buf = bytearray()
+        size_bytes, chunk_bytes, chunks = (int(x) for x in _read_line(sock, buf).split())
+        copied = _read_exact(sock, buf, chunks)
+        copy = CowCopy(backend.source_fd(), dst_fd, chunk_bytes, size_bytes=size_bytes,
+                       copied=copied)
+    except (OSError, EOFError, ValueError) as exc:
+        os.close(dst_fd)
+        try:
+            sock.sendall(f"Ecannot continue the copy: {exc}\n".encode())
+        except OSError:
+            pass
+        sock.close()
+        return None              # snapshot create gives up: nothing will be published
+    backend.set_cow(copy)
+    try:
+        sock.sendall(b"S")
+    except OSError:
+        backend.set_cow(None)    # its creator died: nothing will be published
+        copy.close()
+        sock.close()
+        return None
+    sock.settimeout(None)
+
+    def report() -> None:
+        with sock:
+            run_copy(sock, copy, backend)
+    thread = threading.Thread(target=report, name="blockcrypt-cow-takeover", daemon=True)
+    thread.start()
+    return thread

@@ -29,6 +29,9 @@ Config keys (anything else is refused):
 - ``readonly``: serve read-only (writes fail with EROFS); default false.
 - ``cowctl``: a Unix socket path on which the plugin accepts copy-before-write
   snapshots (:mod:`blockcrypt.nbd.cow`); optional.
+- ``snapdir``: the folder where ``snapshot create`` of a detached disk waits
+  for a server to take its copy over (:func:`blockcrypt.nbd.cow.take_over`,
+  socket ``<snapdir>/<disk id>.sock``); optional, read-write only.
 - ``discard``: let trim and zero deallocate (leaks which ranges are unused,
   like dm-crypt allow_discards); default false.
 
@@ -53,7 +56,8 @@ import nbdkit
 from blockcrypt.constants import DK_BYTES
 from blockcrypt.crypto import compiled, secret
 from blockcrypt.nbd.backend import DiskBackend, errno_for
-from blockcrypt.nbd.cow import CowServer
+from blockcrypt.nbd.cow import CowServer, take_over
+from blockcrypt.storage.chunkcopy import handoff_socket
 from blockcrypt.storage.volume import FileVolume, Volume
 
 API_VERSION = 2
@@ -75,6 +79,7 @@ _discard = False
 _dk: secret.Secret | None = None
 _backend: DiskBackend | None = None
 _cowctl: str | None = None
+_snapdir: str | None = None
 _cow_server: CowServer | None = None
 
 _FLAG_FUA = nbdkit.FLAG_FUA
@@ -93,7 +98,7 @@ def _parse_bool(key: str, value: str) -> bool:
 
 
 def config(key: str, value: str) -> None:
-    global _file, _keyfd, _readonly, _discard, _cowctl, _disk, _home, _break_lock
+    global _file, _keyfd, _readonly, _discard, _cowctl, _disk, _home, _break_lock, _snapdir
     if key == "file":
         _file = value
     elif key.startswith("rbd-") and key[4:] in RBD_KEYS:
@@ -117,12 +122,14 @@ def config(key: str, value: str) -> None:
         _discard = _parse_bool(key, value)
     elif key == "cowctl":
         _cowctl = value
+    elif key == "snapdir":
+        _snapdir = value
     else:
         # Name the key only: a mistyped parameter could carry something secret.
         raise ValueError(f"unknown parameter {key!r}; "
                          "accepted: file, rbd-store, rbd-conf, rbd-pool, rbd-client, "
                          "rbd-keyring, rbd-image, disk, home, break-lock, keyfd, readonly, "
-                         "discard, cowctl")
+                         "discard, cowctl, snapdir")
 
 
 def config_complete() -> None:
@@ -164,6 +171,9 @@ def get_ready() -> None:
     global _backend, _dk, _cow_server
     try:
         _backend = DiskBackend(open_volume(), _dk, discard=_discard)
+        if _snapdir is not None and not _readonly and _file is not None:
+            # a detached snapshot still copying: continue it before any write
+            take_over(handoff_socket(_snapdir, _backend.header.uid_hex), _backend)
         if _cowctl is not None and not _readonly:
             _cow_server = CowServer(_cowctl, _backend)
     finally:

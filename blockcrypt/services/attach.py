@@ -206,8 +206,10 @@ class Attachments:
     def _wait_for_container_lock(self, disk: sqlite3.Row, *, exclusive: bool) -> None:
         """Wait until the server could take the container's whole-file lock.
 
-        ``snapshot create`` copies a detached disk under a shared lock; the
-        plugin takes its lock without waiting and would fail to start.  Called
+        ``snapshot create`` of a detached disk holds a shared lock for the
+        milliseconds that fix its instant (the copy runs after, and the server
+        takes it over: blockcrypt.services.snapshot_detached); the plugin takes
+        its lock without waiting and would fail to start.  Called
         after the attachment is claimed: a snapshot that locks the file later sees
         the claim and backs off (blockcrypt.services.snapshots), so the window in
         which both could proceed is the instant between this check and nbdkit's own.
@@ -216,8 +218,8 @@ class Attachments:
                                      timeout_s=LOCK_WAIT_TIMEOUT_S) as lock:
             if not lock.held:
                 raise errors.StateError(
-                    detail=f"disk {disk['name']!r} is busy (a snapshot is being copied, or "
-                           "another program holds its file); retry `blockcrypt disk "
+                    detail=f"disk {disk['name']!r} is busy (another program holds its "
+                           "file); retry `blockcrypt disk "
                            f"attach {disk['name']}` later")
 
     def attach(self, name: str, *, read_only: bool = False,

@@ -168,8 +168,9 @@ class DiskService:
 
     # -- crash recovery of create/delete ---------------------------------------------
     def recover_files(self) -> list[str]:
-        """Finish or undo interrupted creates/deletes (see module doc); returns actions."""
-        return self.store.recover(self.conn, "disks")
+        """Finish or undo interrupted creates/deletes (see module doc) and resizes
+        (:func:`blockcrypt.services.resize.recover`); returns actions."""
+        return self.store.recover(self.conn, "disks") + resize_service.recover(self)
 
     # -- create / list / show / delete ---------------------------------------------------
     @audited("disk-create", "disk:name")

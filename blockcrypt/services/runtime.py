@@ -48,6 +48,9 @@ CONTROL_SOCKET = "ctl.sock"
 # The plugin's copy-before-write snapshot socket (blockcrypt/nbd/cow.py), beside
 # the pause filter's: snapshots find it from the attachment's control_socket.
 COW_SOCKET = "cow.sock"
+# Beside the disks' run directories (a name no disk has): snapshots in progress, and
+# the sockets where a detached disk's copy waits to be taken over (nbd/cow.py).
+SNAPSHOTS_DIR = ".snapshots"
 NBDKIT_PIDFILE = "nbdkit.pid"
 NBDKIT_LOG = "nbdkit.log"
 NBDFUSE_PIDFILE = "nbdfuse.pid"
@@ -149,6 +152,8 @@ def start_nbdkit(name: str, container: Path, *, discard: bool, dk: Secret | None
             exit_with_parent=serve, tls=tls, tls_psk=tls_psk, tls_certificates=tls_certificates,
             threads=commands.NBDKIT_THREADS if threads is None else threads,
             cow_control=None if read_only or volume_params is not None else run_dir / COW_SOCKET,
+            snapshot_dir=None if read_only or volume_params is not None
+            else run_dir.parent / SNAPSHOTS_DIR,
             volume_params=volume_params)
         with private_umask():
             log = open(log_path, "ab")

@@ -13,8 +13,9 @@ enough to fix the point in time, never for the copy of the data:
 - a server started without the copy-before-write socket (attached by an
   older blockcrypt): the whole sparse copy under the pause, as before.
 
-:func:`copy_disk` chooses between that and the detached copy (under a shared
-lock of the container).  The caller
+:func:`copy_disk` chooses between that and the detached copy, whose instant
+is fixed under a shared lock of the container and whose data is copied after
+(:mod:`.snapshot_detached`).  The caller
 (:class:`~blockcrypt.services.snapshots.LifecycleService`) owns the staged
 file's name, its publication and its removal on failure.
 """
@@ -29,13 +30,15 @@ from pathlib import Path
 
 from .. import errors
 from ..storage import catalog, fastcopy
+from ..storage.chunkcopy import handoff_socket
 from ..storage.home import create_private_file
 from ..system import fsfreeze, quiesce
 from ..system.cowclient import CowSession
 from ..testing.crashpoints import crashpoint
+from . import snapshot_detached
 from .runtime import COW_SOCKET
 
-COPY_BEFORE_WRITE = "copy-before-write"
+COPY_BEFORE_WRITE = snapshot_detached.COPY_BEFORE_WRITE
 # How long a command waits for a concurrent one to settle: an attach in progress
 # (it holds the container before its row says 'attached'), or a snapshot create
 # that committed its row but has not yet renamed its file into place.
@@ -74,9 +77,10 @@ def copy_disk(store, conn: sqlite3.Connection, disk: sqlite3.Row, src: Path, dst
     """Copy a disk's container to dst, consistently; returns (method,
     quiesced, bytes copied before write).
 
-    Detached (or attached read-only): under a shared lock, which a
-    read-write server cannot take meanwhile.  Attached read-write: with
-    I/O paused through the pause filter's control socket.
+    Detached (or attached read-only): the instant fixed under a shared lock,
+    which a read-write server cannot take meanwhile, the data copied after
+    (:mod:`.snapshot_detached`).  Attached read-write: with I/O paused
+    through the pause filter's control socket.
     """
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while True:
@@ -97,20 +101,22 @@ def copy_disk(store, conn: sqlite3.Connection, disk: sqlite3.Row, src: Path, dst
                         detail=f"--freeze needs disk {disk['name']!r} attached "
                                "read-write with a mounted file system; it is not; "
                                "snapshot it without --freeze")
-                return store.clone(lock, dst), False, 0
+                fixed = snapshot_detached.fix_instant(
+                    lock, dst, handoff_socket(str(marker.dir), disk["id"]),
+                    f"disk {disk['name']!r}")
+                if fixed is None:
+                    return store.clone(lock, dst), False, 0
+                if not isinstance(fixed, snapshot_detached.BackgroundCopy):
+                    return fixed, False, 0
+                break           # the instant is fixed: copy with the lock released
             # (an attach that has claimed the disk gets the file first: back off)
             if not lock.held and att is not None and att["state"] == "attached" \
                     and att["control_socket"]:
                 mounts = _mounts_to_freeze(disk, att) if freeze else []
                 marker.note(frozen=mounts, control_socket=att["control_socket"])
-                display = fastcopy.progress_fn()     # the CLI's progress line, if any
-
-                def progress(done_bytes: int, total_bytes: int) -> None:
-                    marker.progress(done_bytes, total_bytes)
-                    display(done_bytes, total_bytes)
                 method, cow_bytes = copy_attached(
                     lock.fd, att["control_socket"], dst, f"disk {disk['name']!r}",
-                    progress, mounts)
+                    _progress(marker), mounts)
                 return method, True, cow_bytes
         if time.monotonic() > deadline:
             raise errors.StateError(detail=f"disk {disk['name']!r} is in use but not "
@@ -118,6 +124,18 @@ def copy_disk(store, conn: sqlite3.Connection, disk: sqlite3.Row, src: Path, dst
                                     "attached); retry when `blockcrypt disk show "
                                     f"{disk['name']}` says attached")
         time.sleep(0.2)
+    method, cow_bytes = fixed.run(_progress(marker))
+    return method, False, cow_bytes
+
+
+def _progress(marker) -> Callable[[int, int], None]:
+    """Progress of a copy to the marker (snapshot show) and the CLI's line, if any."""
+    display = fastcopy.progress_fn()
+
+    def progress(done_bytes: int, total_bytes: int) -> None:
+        marker.progress(done_bytes, total_bytes)
+        display(done_bytes, total_bytes)
+    return progress
 
 def _mounts_to_freeze(disk: sqlite3.Row, att: sqlite3.Row) -> list[str]:
     mounts = fsfreeze.mounts_of(att["device"]) if att["device"] else []

@@ -8,7 +8,9 @@ copied so far (rewritten atomically as the copy advances).  A second
 ``snapshot create`` of the same disk finds the marker of a live creator and is
 refused; a marker whose creator is gone (kill -9) is stale and removed.
 ``snapshot show`` / ``list`` report live markers as snapshots in state
-``copying`` with a percentage.  Nothing here is needed for crash safety: the
+``copying`` with a percentage.  Beside a marker, ``<disk id>.sock`` is the
+hand-over socket of a detached disk's copy (:mod:`.snapshot_detached`),
+removed with a stale marker.  Nothing here is needed for crash safety: the
 catalog row and the staged file are (see :mod:`.snapshots`).
 """
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 
 from .. import errors
 from ..system import fsfreeze, proc, quiesce
+from .runtime import SNAPSHOTS_DIR
 
-DIR_NAME = ".snapshots"
+DIR_NAME = SNAPSHOTS_DIR
 # how often the marker is rewritten while a copy advances
 UPDATE_INTERVAL_S = 0.5
 
@@ -127,6 +130,7 @@ def _clear_stale(path: Path, info: dict | None) -> None:
         quiesce.nudge_resume(info["control_socket"])   # a thaw writes: I/O must flow
     for mp in info.get("frozen") or ():
         fsfreeze.thaw(mp)
+    _unlink(path.with_suffix(".sock"))    # a detached copy's hand-over socket
     _unlink(path)
     _remove_if_empty(path.parent)
 

@@ -56,13 +56,15 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
                 tls_psk: Path | None = None, tls_certificates: Path | None = None,
                 threads: int = NBDKIT_THREADS,
                 cow_control: Path | None = None,
+                snapshot_dir: Path | None = None,
                 volume_params: Sequence[str] | None = None) -> list[str]:
     """nbdkit serving one container through the blockcrypt Python plugin.
 
     The pause filter is always stacked on top so a snapshot can quiesce I/O
     through ``pause_control`` while the disk is in use.  ``keyfd`` names an
     inherited descriptor carrying the data key (None for unencrypted disks).
-    ``cow_control``: the plugin's copy-before-write snapshot socket (nbd/cow.py).
+    ``cow_control``: the plugin's copy-before-write snapshot socket (nbd/cow.py);
+    ``snapshot_dir``: where a detached disk's snapshot copy waits to be taken over.
     tls: "off", "on" or "require" (nbdkit's --tls); with "on"/"require" exactly
     one of tls_psk / tls_certificates must be given; with certificates every
     client must present one signed by the directory's CA (``--tls-verify-peer``).
@@ -108,6 +110,8 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
              f"pause-control={pause_control}"]
     if cow_control is not None:
         argv.append(f"cowctl={cow_control}")
+    if snapshot_dir is not None:
+        argv.append(f"snapdir={snapshot_dir}")
     return argv
 
 

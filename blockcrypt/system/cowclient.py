@@ -3,8 +3,10 @@
 Owns the protocol seen from ``blockcrypt snapshot create`` (the server side,
 and the protocol itself, are described in :mod:`blockcrypt.nbd.cow`): hand the
 snapshot file's descriptor to nbdkit's plugin while I/O is paused, then wait
-for the background copy, reporting progress.  It starts no process and knows
-nothing of disks or the catalog.
+for the background copy, reporting progress.  For a detached disk,
+:class:`HandoffListener` is where a server that starts meanwhile asks for the
+copy, and :meth:`CowSession.hand_over` gives it the copy.  It starts no
+process and knows nothing of disks or the catalog.
 """
 from __future__ import annotations
 
@@ -13,8 +15,12 @@ import socket
 from collections.abc import Callable
 
 from .. import errors
+from .unixpath import unix_socket_path
 
 START_TIMEOUT_S = 30.0
+# How long a server that connected to the hand-over socket may take to say which
+# file it serves (it does so at once).
+HANDOFF_REQUEST_TIMEOUT_S = 5.0
 
 
 class CowSession:
@@ -40,6 +46,31 @@ class CowSession:
             raise errors.StateError(detail=f"cannot reach the server of {what} to start "
                                     f"the snapshot copy: {exc.strerror or exc}") from None
         return cls(sock, what)
+
+    @classmethod
+    def hand_over(cls, conn: socket.socket, what: str, dst_fd: int, size_bytes: int,
+                  chunk_bytes: int, copied: bytes) -> CowSession:
+        """Give the copy (the snapshot file, its size, chunk size and copied
+        chunks) to the server on conn (from :meth:`HandoffListener.poll`); returns
+        once the server copies before every write.  From the call on, the copy
+        is the server's: on any failure the snapshot is lost (StateError)."""
+        session = cls(conn, what)
+        conn.settimeout(START_TIMEOUT_S)
+        try:
+            try:
+                socket.send_fds(conn, [b"T"], [dst_fd])
+                conn.sendall(f"{size_bytes} {chunk_bytes} {len(copied)}\n".encode() + copied)
+                reply = conn.recv(1)
+            except OSError as exc:
+                raise session._fail(exc.strerror or str(exc)) from None
+            if reply == b"S":
+                return session
+            if reply == b"E":
+                raise session._fail(session._line())
+            raise session._fail("the server (nbdkit) stopped while taking the copy over")
+        except BaseException:
+            conn.close()
+            raise
 
     def _fail(self, text: str) -> errors.StateError:
         return errors.StateError(detail=f"the snapshot copy of {self.what} failed: {text}; "
@@ -95,3 +126,63 @@ class CowSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+class HandoffListener:
+    """The socket where a server that starts while a detached disk's snapshot is
+    copied asks to take the copy over (protocol: :mod:`blockcrypt.nbd.cow`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            try:
+                os.unlink(path)              # a killed create's (its marker was stale)
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o077)
+            try:
+                with unix_socket_path(path) as short:
+                    self.sock.bind(short)
+            finally:
+                os.umask(old)
+            self.sock.listen(4)
+            self.sock.setblocking(False)
+        except BaseException:
+            self.close()
+            raise
+
+    def poll(self, src_fd: int) -> socket.socket | None:
+        """A connection from a server of the very file open as src_fd that wants
+        the copy, if one is waiting (never blocks for long).  A server of another
+        file (the disk was reset meanwhile) is told ``N`` and serves without it."""
+        src = os.fstat(src_fd)
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            conn.setblocking(True)
+            conn.settimeout(HANDOFF_REQUEST_TIMEOUT_S)
+            try:
+                line = b""
+                while not line.endswith(b"\n") and len(line) < 128:
+                    chunk = conn.recv(128)
+                    if not chunk:
+                        break
+                    line += chunk
+                dev, ino = (int(x) for x in line[1:].split())
+                if line[:1] == b"T" and (dev, ino) == (src.st_dev, src.st_ino):
+                    return conn
+                conn.sendall(b"N")
+            except (OSError, ValueError):
+                pass                     # it died or spoke nonsense: not a taker
+            conn.close()
+
+    def close(self) -> None:
+        """Stop listening (a server that connects later finds no copy to take)."""
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass

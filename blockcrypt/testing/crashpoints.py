@@ -5,7 +5,10 @@ change, header update) call ``crashpoint("snapshot.after-copy")`` between their
 steps.  When the environment variable ``BLOCKCRYPT_TESTONLY_CRASH_AT`` names that
 step, the process kills itself with SIGKILL right there, exactly like ``kill -9``:
 no ``finally`` blocks, no atexit, no flush of Python buffers.  Tests use it to
-prove every intermediate state is recoverable.  Unset (always, outside tests), a
+prove every intermediate state is recoverable.  A snapshot of a detached disk
+has ``snapshot.locked`` (instant fixed, container still locked),
+``snapshot.background`` (lock released, copy not started) and
+``snapshot.handed-over`` (a server that started meanwhile has the copy).  Unset (always, outside tests), a
 crash point costs one dictionary lookup.
 
 ``BLOCKCRYPT_TESTONLY_CRASH_LIST=FILE`` appends every crash point reached to FILE,

@@ -30,6 +30,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "nbd": BASE + ("blockcrypt.crypto", "blockcrypt.storage.volume", "blockcrypt.storage.header",
                    "blockcrypt.storage.rbd_volume",
                    "blockcrypt.storage.container", "blockcrypt.storage.fastcopy",
+            "blockcrypt.storage.chunkcopy", "blockcrypt.system.unixpath",
                    "blockcrypt.system.libc"),
     "services": BASE + ("blockcrypt.names", "blockcrypt.crypto.secret", "blockcrypt.kms.provider",
                         "blockcrypt.kms.audit",

@@ -1,8 +1,8 @@
 """kill -9 of the CLI at every step (issue 8 item 5).
 
 For each multi-step operation (snapshot create, disk create --from-snapshot
-with growth, disk reset, snapshot delete, key rotation, passphrase change, and
-an in-place header update of a committed disk), the steps are enumerated first
+with growth, disk reset, snapshot delete, disk resize, key rotation, passphrase
+change, and an in-place header update of a committed disk), the steps are enumerated first
 by running the operation once with ``BLOCKCRYPT_TESTONLY_CRASH_LIST`` (the
 named crash points of blockcrypt.testing.crashpoints) and with a seam on
 ``container._fault_hook`` that lists the header update's own steps
@@ -292,6 +292,23 @@ def test_snapshot_delete_killed_at_every_step(h):
 
     steps = _crash_everywhere(h, argv, after)
     assert steps == ["snapshot-delete.after-commit"], steps
+
+
+def test_disk_resize_killed_at_every_step(h):
+    """The catalog takes the header's size at the next command (``snapshot list``
+    in check()), without running the resize again."""
+    def size(i) -> int:
+        return (24 + 8 * (0 if i == "probe" else i + 1)) * MiB
+
+    def after(i, step):
+        assert h.row("disks", "d")["size_bytes"] in (size(i - 1 if i else "probe"), size(i))
+        h.cli("disk", "resize", "d", "--size", str(size(i)))
+        assert h.row("disks", "d")["size_bytes"] == size(i)
+
+    steps = _crash_everywhere(
+        h, lambda i: h.argv("disk", "resize", "d", "--size", str(size(i))), after)
+    assert {"disk-resize.before-header", "header:write:B", "header:fsync:A",
+            "disk-resize.after-header"} <= set(steps), steps
 
 
 def test_key_rotation_killed_at_every_step(h):

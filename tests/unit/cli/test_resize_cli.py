@@ -1,6 +1,6 @@
 """`blockcrypt disk resize` of a detached disk, run as a user would: growth of both
 header copies and the catalog, the DK re-wrapped for the new size, shrinking refused
-with the data-copy way, and a crash between header and catalog finished by a rerun.
+with the data-copy way, and a crash between header and catalog finished by the next command.
 Attached disks (nbdkit, nbdfuse, loop, resize2fs) are in tests/e2e/test_resize.py."""
 from __future__ import annotations
 
@@ -87,16 +87,36 @@ def test_bad_input_refused(bc_home, argv, error):
     assert _show(bc_home, "d")["size_bytes"] == 4 * MiB
 
 
-def test_crash_between_header_and_catalog_is_finished_by_a_rerun(bc_home, home,
-                                                                 passphrase_file):
-    bc_home("disk", "create", "d", "--size", "8M")
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
+def test_crash_between_header_and_catalog_is_finished_by_the_next_command(
+        bc_home, home, passphrase_file, encrypted):
+    bc_home("disk", "create", "d", "--size", "8M", *([] if encrypted else ["--no-encrypted"]))
     path = _show(bc_home, "d")["path"]
     cp = run_cli("disk", "resize", "d", "--size", "16M", home=home,
                  passphrase_file=passphrase_file, check=False,
                  env={"BLOCKCRYPT_TESTONLY_CRASH_AT": "disk-resize.after-header"})
     assert cp.returncode == -9, cp.stderr.decode()
     assert container.read_header(path).size_bytes == 16 * MiB     # the header is new
-    assert _show(bc_home, "d")["size_bytes"] == 8 * MiB           # the row not yet
-    out = json.loads(bc_home("disk", "resize", "d", "--size", "16M", "--json").stdout)
-    assert out["finished_catalog"] and out["size_bytes"] == 16 * MiB
+    assert (home / "run" / ".resizes").is_dir()                     # the resize's marker
+    # the next command that looks at disks (here a list) finishes it from the header
+    assert [d["size_bytes"] for d in json.loads(bc_home("disk", "list", "--json").stdout)] \
+        == [16 * MiB]
+    assert not (home / "run" / ".resizes").exists()
     assert _show(bc_home, "d")["size_bytes"] == 16 * MiB
+    again = json.loads(bc_home("disk", "resize", "d", "--size", "16M", "--json").stdout)
+    assert not again["changed"] and again["size_bytes"] == 16 * MiB
+    bc_home("disk", "resize", "d", "--size", "24M")               # and it grows on from there
+    assert container.read_header(path).size_bytes == 24 * MiB
+
+
+def test_crash_before_the_header_changes_nothing(bc_home, home, passphrase_file):
+    bc_home("disk", "create", "d", "--size", "8M")
+    path = _show(bc_home, "d")["path"]
+    cp = run_cli("disk", "resize", "d", "--size", "16M", home=home,
+                 passphrase_file=passphrase_file, check=False,
+                 env={"BLOCKCRYPT_TESTONLY_CRASH_AT": "disk-resize.before-header"})
+    assert cp.returncode == -9, cp.stderr.decode()
+    assert (home / "run" / ".resizes").is_dir()
+    assert _show(bc_home, "d")["size_bytes"] == 8 * MiB
+    assert container.read_header(path).size_bytes == 8 * MiB
+    assert not (home / "run" / ".resizes").exists()

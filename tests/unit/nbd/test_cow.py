@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
 from blockcrypt import errors
 from blockcrypt.nbd import cow
 from blockcrypt.nbd.cow import CowCopy, CowServer
-from blockcrypt.system.cowclient import CowSession
+from blockcrypt.storage import chunkcopy
+from blockcrypt.storage.chunkcopy import CowCopy as StorageCowCopy
+from blockcrypt.system.cowclient import CowSession, HandoffListener
 
 CHUNK = 64 * 1024
 
@@ -72,9 +75,12 @@ class _Backend:
     def set_cow(self, cow):
         self.cow = cow
 
+    def current_cow(self):
+        return self.cow
+
 
 def test_protocol_start_wait_and_abandon(tmp_path, monkeypatch):
-    monkeypatch.setattr(cow, "_TEST_DELAY_S", 0.1)     # the copier reaches the end in 0.7 s
+    monkeypatch.setattr(chunkcopy, "_TEST_DELAY_S", 0.1)     # the copier reaches the end in 0.7 s
     last = 7 * 1024 * 1024
     src = _file(tmp_path / "src", 8 * 1024 * 1024, [(last, b"old" * 1000)])
     backend = _Backend(src)
@@ -103,3 +109,55 @@ def test_protocol_start_wait_and_abandon(tmp_path, monkeypatch):
     finally:
         server.close()
     assert CowSession.connect(tmp_path / "cow.sock", "disk 'd'") is None
+
+
+def test_hand_over_of_a_detached_copy_to_a_starting_server(tmp_path, monkeypatch):
+    """snapshot create copies part of a detached disk, a server starts and takes
+    the copy over (nbd.cow.take_over): the server's writes copy first, the
+    chunks the CLI copied are not copied again, the result is the instant."""
+    monkeypatch.setattr(chunkcopy, "_TEST_DELAY_S", 0.05)
+    size = 32 * CHUNK
+    path = tmp_path / "src"
+    src = _file(path, size, [(i * CHUNK, os.urandom(CHUNK)) for i in range(32)])
+    before = os.pread(src, size, 0)
+    dst = os.open(tmp_path / "snap", os.O_RDWR | os.O_CREAT, 0o600)
+    mine = StorageCowCopy(src, dst, chunk_bytes=CHUNK)
+    for index in range(8):
+        mine.step(index)                                  # the CLI's part
+    sock = str(tmp_path / "h.sock")
+    listener = HandoffListener(sock)
+    assert listener.poll(src) is None                     # nobody asks yet
+    # a server of another file (the disk was reset meanwhile) is told no
+    other = _Backend(_file(tmp_path / "other", size))
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=cow.take_over(sock, other)))
+    t.start()
+    wait_until = time.monotonic() + 10
+    while t.is_alive() and time.monotonic() < wait_until:
+        listener.poll(src)
+    t.join()
+    assert box["r"] is None and other.cow is None
+    # the server of this very file takes the copy over
+    backend = _Backend(os.open(path, os.O_RDWR))
+    t = threading.Thread(target=lambda: box.update(r=cow.take_over(sock, backend)))
+    t.start()
+    conn = None
+    while conn is None:
+        conn = listener.poll(src)
+    session = CowSession.hand_over(conn, "disk 'd'", dst, mine.size_bytes, CHUNK,
+                                   bytes(mine.copied))
+    listener.close()
+    mine.close()
+    t.join()
+    assert box["r"] is not None and backend.cow is not None
+    assert list(backend.cow.copied[:8]) == [1] * 8
+    for index in (3, 20, 31):                             # writes while it copies
+        backend.cow.before_write(index * CHUNK + 100, 10)
+        os.pwrite(backend.fd, b"new data", index * CHUNK + 100)
+    with session:
+        assert session.wait() == 2 * CHUNK                # 20 and 31: copied first
+    box["r"].join()
+    assert backend.cow is None
+    assert os.pread(os.open(tmp_path / "snap", os.O_RDONLY), size + 1, 0) == before
+    # once the creator is gone, a starting server serves without copying
+    assert cow.take_over(sock, backend) is None

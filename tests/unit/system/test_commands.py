@@ -57,6 +57,13 @@ def test_nbdkit_argv_rbd_volume_params_replace_file():
     assert not any(a.startswith("file=") for a in argv)
 
 
+def test_nbdkit_argv_snapshot_dir():
+    """Where a detached disk's snapshot copy waits for the server (nbd/cow.py take_over)."""
+    argv = _nbdkit(cow_control=RUN / "cow.sock", snapshot_dir=RUN.parent / ".snapshots")
+    assert argv[-1] == f"snapdir={RUN.parent / '.snapshots'}"
+    assert not any(a.startswith("snapdir=") for a in _nbdkit())
+
+
 def test_nbdkit_argv_threads():
     argv = _nbdkit()
     assert argv[argv.index("--threads") + 1] == str(commands.NBDKIT_THREADS) == "4"
