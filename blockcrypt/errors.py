@@ -112,6 +112,16 @@ class SnapshotNotFound(NotFound):
     exit_code = 24
 
 
+class DiskStoreNotFound(NotFound):
+    """disk store {name!r} not found; run `blockcrypt store list` to see the stores (files are the default store)"""
+    exit_code = 25
+
+
+class ImageMissing(NotFound):
+    """the RBD image {image!r} of {owner} is missing from store {store!r} (removed outside blockcrypt?); restore it with Ceph's tools, or remove the catalog entry with `blockcrypt disk delete`"""
+    exit_code = 26
+
+
 class ProviderNotFound(NotFound):
     """key provider {name!r} not found; run `blockcrypt provider list` to see the providers"""
     exit_code = 27
@@ -414,6 +424,26 @@ class HomeFull(NoSpace):
 class DatabaseUnusable(StorageError):
     """cannot use the database {path}: {reason}; {next_step}"""
     exit_code = 94
+
+
+class StoreUnreachable(StorageError):
+    """store {store!r}: the Ceph cluster cannot be reached ({reason}); check the monitors in {conf} and the network, then retry"""
+    exit_code = 95
+
+
+class StoreAuthRefused(StorageError):
+    """store {store!r}: the Ceph cluster refused client {client!r} ({reason}); check the keyring {keyring} and that the user has `profile rbd` on pool {pool!r}"""
+    exit_code = 96
+
+
+class PoolMissing(StorageError):
+    """store {store!r}: {reason}; create it with `ceph osd pool create {pool}` and `rbd pool init {pool}`, or name another pool"""
+    exit_code = 97
+
+
+class DiskHeld(StorageError):
+    """disk {name!r} is served by another host ({holder}); detach it there first, or if that server is dead, take it over with `blockcrypt disk attach {name} --break-lock`"""
+    exit_code = 98
 
 
 def storage_error(path, exc: OSError, what: str = "file") -> BlockcryptError:

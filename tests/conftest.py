@@ -95,6 +95,32 @@ def ceph_cluster(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.fixture(params=["file", "rbd"])
+def store_name(request) -> str:
+    """Every disk store, for the tests that must hold for each: the home's files, and
+    an RBD pool of the session's Ceph cluster (``ceph_cluster``)."""
+    if request.param == "rbd":
+        request.getfixturevalue("ceph_cluster")
+    return request.param
+
+
+@pytest.fixture
+def store_args(store_name, request, tmp_path):
+    """``disk create`` arguments for each store in turn: call it with the test's CLI
+    runner (for ``rbd`` it adds the store ``ceph`` to that home, reached as a cephx user
+    with ``profile rbd`` on the pool, as an administrator would set up a host) and
+    append the result."""
+    def setup(cli) -> list[str]:
+        if store_name == "file":
+            return []
+        cluster = request.getfixturevalue("ceph_cluster")
+        keyring = cluster.add_client("blockcrypt", tmp_path / "ceph.client.blockcrypt.keyring")
+        cli("store", "add", "ceph", "--type", "rbd", "--conf", str(cluster.conf),
+            "--pool", cluster.pool, "--client-id", "blockcrypt", "--keyring", str(keyring))
+        return ["--store", "ceph"]
+    return setup
+
+
 @pytest.fixture(params=["local", "pkcs11", "kmip"])
 def provider_name(request) -> str:
     """Every key provider, for the tests that must hold for each: ``local``, the name of

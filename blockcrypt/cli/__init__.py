@@ -106,6 +106,7 @@ def _register_groups() -> None:
         shred,
         snapshots,
         store,
+        stores,
     )
 
 

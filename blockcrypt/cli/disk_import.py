@@ -18,22 +18,30 @@ from .disks import _print_disk, _service, disk_group
 
 @disk_group.command("import")
 @click.argument("name")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file")
 @click.option("--provider", default=None,
               help="The kmip provider holding the disk's key (needed only if this host has "
                    "several).")
+@click.option("--store", default=None,
+              help="FILE is the name of an RBD image in this store (`blockcrypt store list`), "
+                   "made by another host sharing the store: it is recorded, not copied.")
 @json_option
 @pass_app
-def import_cmd(app: App, name, file: Path, provider):
+def import_cmd(app: App, name, file: str, provider, store):
     """Add the container FILE (made on another host) as disk NAME.
 
     The header is checked, the file is copied into this home, and a kmip key this
     host does not know yet is added to its key catalog (origin shared).  Attaching
     it then asks the key manager, which decides whether this host may use the key.
+    With --store, FILE is an RBD image of that store: it stays where it is, and the
+    data key must unwrap on this host before the disk is recorded.
     """
-    from ..services.imports import import_disk
+    from ..services.imports import import_disk, import_image
     with _service(app) as svc:
-        d = import_disk(svc, name, file, provider)
+        if store is not None:
+            d = import_image(svc, name, store, file, provider)
+        else:
+            d = import_disk(svc, name, Path(file), provider)
     app.info(f"disk {name!r} imported from {file}; next: `blockcrypt disk attach {name}`")
     app.emit(d, _print_disk)
 

@@ -34,7 +34,7 @@ def _print_disk(d: dict) -> None:
         ("encrypted", "yes (aes-xts-plain64)" if d["encrypted"] else "no"),
         ("cmk", d["cmk_id"] or "-"), ("lineage", d["lineage_id"] or "-"),
         ("discard", "yes" if d["discard"] else "no"), ("created", d["created_at"]),
-        ("state", d["state"]),
+        ("state", d["state"]), ("store", d.get("store", "file")),
     ]
     if d.get("key"):
         rows.append(("key", d["key"]["note"]))
@@ -44,7 +44,7 @@ def _print_disk(d: dict) -> None:
                  ("socket", d["socket"] or "-")]
     if "persistent" in d:
         rows.append(("at boot", "attaches (persistent)" if d["persistent"] else "no"))
-    rows.append(("file", d["path"]))
+    rows.append(("file" if d.get("store", "file") == "file" else "image", d["path"]))
     click.echo(format_fields(rows))
 
 
@@ -53,9 +53,10 @@ def _print_table(disks: list[dict]) -> None:
         click.echo("no disks; create one with `blockcrypt disk create NAME --size 10G`")
         return
     click.echo(format_table(
-        ["NAME", "SIZE", "SECTOR", "ENCRYPTED", "CMK", "STATE", "DEVICE"],
+        ["NAME", "SIZE", "SECTOR", "ENCRYPTED", "CMK", "STORE", "STATE", "DEVICE"],
         [[d["name"], human_size(d["size_bytes"]), d["sector_size"],
-          "yes" if d["encrypted"] else "no", d["cmk_id"] or "-", d["state"],
+          "yes" if d["encrypted"] else "no", d["cmk_id"] or "-", d.get("store", "file"),
+          d["state"],
           d["device"] or ("served" if d["method"] == "serve" else "-")] for d in disks]))
 
 
@@ -82,11 +83,18 @@ def disk_group():
 @click.option("--from-snapshot", "snapshot", default=None,
               help="Create the disk from this snapshot: same contents, encryption, CMK, "
                    "sector size and data key.")
+@click.option("--store", "store", default=None,
+              help="The store the disk lives in (`blockcrypt store list`; default: files "
+                   "under the home).")
 @json_option
 @pass_app
-def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, discard, snapshot):
+def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, discard, snapshot,
+               store):
     """Create a disk NAME of --size bytes, or from a snapshot."""
     names.validate_name(name)
+    if snapshot is not None and store is not None:
+        raise errors.InvalidInput(detail="a disk from a snapshot lives in the snapshot's "
+                                         "store; --store cannot be used with --from-snapshot")
     if snapshot is not None:
         size_bytes = names.parse_size(size_text) if size_text is not None else None
         from ..services.snapshots import LifecycleService
@@ -108,7 +116,7 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
                                          "it cannot be used with --no-encrypted")
     with _service(app) as svc:
         d = svc.create(name, size_bytes, encrypted=encrypted, key_ref=key_ref,
-                       sector_size=sector, discard=discard)
+                       sector_size=sector, discard=discard, store=store)
     enc = f"encrypted under key {d['cmk_id']}" if d["encrypted"] else "not encrypted"
     app.emit(d, f"created disk {name}: {human_size(d['size_bytes'])}, "
                 f"{d['sector_size']}-byte sectors, {enc}")
@@ -246,13 +254,18 @@ def delete_cmd(app: App, name):
               help="Attach even though a file system is still mounted from the device of "
                    "this disk's earlier server, which died (two devices would then serve "
                    "the same disk; unmount the old one instead if you can).")
+@click.option("--break-lock", is_flag=True,
+              help="A disk on Ceph held by another host whose server died: break that "
+                   "host's exclusive lock (Ceph blocklists it) and take the disk over. "
+                   "Audited. Never use it while that server may still run.")
 @json_option
 @pass_app
-def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, wait_s, force):
+def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, wait_s, force,
+               break_lock):
     """Attach a disk as a local block device (root) and print the device path."""
     from ..services.boot import PersistentDisks, failures
     if all_persistent:
-        if name or persistent or read_only or threads or force:
+        if name or persistent or read_only or threads or force or break_lock:
             raise click.UsageError("--all-persistent takes no NAME, --persistent, --read-only, "
                                    "--threads or --force (each disk's recorded settings "
                                    "apply)")
@@ -272,7 +285,8 @@ def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, w
     if not name:
         raise click.UsageError("Missing argument 'NAME' (or pass --all-persistent).")
     with _service(app) as svc:
-        d = svc.attach(name, read_only=read_only, threads=threads, force=force)
+        d = svc.attach(name, read_only=read_only, threads=threads, force=force,
+                       break_lock=break_lock)
         if persistent:
             d = PersistentDisks(svc).set(name, True, read_only=read_only)
     app.emit(d, d["device"])

@@ -2,6 +2,9 @@
 
     nbdkit -f -U SOCKET python .../blockcrypt/nbd/plugin.py \\
         file=CONTAINER [keyfd=N] [readonly=true|false] [discard=true|false]
+    nbdkit ... python .../plugin.py rbd-store=NAME rbd-conf=CEPH_CONF rbd-pool=POOL \\
+        rbd-client=ID [rbd-keyring=FILE] rbd-image=IMAGE [disk=NAME] [home=DIR] \\
+        [break-lock=true] [keyfd=N] ...
 
 A thin adapter: all format and crypto logic lives in
 :class:`blockcrypt.nbd.backend.DiskBackend`, serving the container file as a
@@ -11,7 +14,13 @@ start it with the environment of :func:`blockcrypt.nbd.launch.plugin_env`
 
 Config keys (anything else is refused):
 
-- ``file``: the container path (required).
+- ``file``: the container path (a file disk), served as a
+  :class:`~blockcrypt.storage.volume.FileVolume`; or, for a disk on Ceph, the
+  ``rbd-*`` keys (store name, ceph.conf, pool, cephx client id, keyring file, image;
+  never a key), served as a :class:`~blockcrypt.storage.rbd_volume.RbdVolume`.
+  ``disk`` and ``home`` only name the server in the image's holder record;
+  ``break-lock=true`` breaks another host's exclusive lock (``disk attach
+  --break-lock``).
 - ``keyfd``: an inherited file descriptor, normally a pipe, carrying exactly the
   64-byte data key of an encrypted container; omitted for unencrypted ones.
   The key is read once and the descriptor closed.  It never appears in argv,
@@ -45,7 +54,7 @@ from blockcrypt.constants import DK_BYTES
 from blockcrypt.crypto import compiled, secret
 from blockcrypt.nbd.backend import DiskBackend, errno_for
 from blockcrypt.nbd.cow import CowServer
-from blockcrypt.storage.volume import FileVolume
+from blockcrypt.storage.volume import FileVolume, Volume
 
 API_VERSION = 2
 
@@ -55,6 +64,11 @@ MAX_REQUEST_BYTES = 32 * 1024 * 1024
 secret.disable_core_dumps()
 
 _file: str | None = None
+_rbd: dict[str, str] = {}          # rbd-* parameters, without the prefix
+_disk = ""
+_home: str | None = None
+_break_lock = False
+RBD_KEYS = ("store", "conf", "pool", "client", "keyring", "image")
 _keyfd: int | None = None
 _readonly = False
 _discard = False
@@ -79,9 +93,17 @@ def _parse_bool(key: str, value: str) -> bool:
 
 
 def config(key: str, value: str) -> None:
-    global _file, _keyfd, _readonly, _discard, _cowctl
+    global _file, _keyfd, _readonly, _discard, _cowctl, _disk, _home, _break_lock
     if key == "file":
         _file = value
+    elif key.startswith("rbd-") and key[4:] in RBD_KEYS:
+        _rbd[key[4:]] = value
+    elif key == "disk":
+        _disk = value
+    elif key == "home":
+        _home = value
+    elif key == "break-lock":
+        _break_lock = _parse_bool(key, value)
     elif key == "keyfd":
         try:
             _keyfd = int(value)
@@ -98,13 +120,18 @@ def config(key: str, value: str) -> None:
     else:
         # Name the key only: a mistyped parameter could carry something secret.
         raise ValueError(f"unknown parameter {key!r}; "
-                         "accepted: file, keyfd, readonly, discard, cowctl")
+                         "accepted: file, rbd-store, rbd-conf, rbd-pool, rbd-client, "
+                         "rbd-keyring, rbd-image, disk, home, break-lock, keyfd, readonly, "
+                         "discard, cowctl")
 
 
 def config_complete() -> None:
     global _dk
-    if _file is None:
-        raise ValueError("file=CONTAINER is required")
+    if (_file is None) == (not _rbd):
+        raise ValueError("either file=CONTAINER or the rbd-* parameters are required")
+    missing = [k for k in RBD_KEYS if k != "keyring" and k not in _rbd] if _rbd else []
+    if missing:
+        raise ValueError(f"missing rbd-{missing[0]}=")
     if _keyfd is not None:
         try:
             _dk = secret.Secret.read_exact_fd(_keyfd, DK_BYTES)
@@ -118,11 +145,25 @@ def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
+def open_volume() -> Volume:
+    """The volume the parameters name: a container file or an RBD image."""
+    if _file is not None:
+        return FileVolume(_file, read_only=_readonly)
+    from blockcrypt.storage.rbd_volume import RbdVolume, StoreConfig
+    cfg = StoreConfig(name=_rbd["store"], conf=_rbd["conf"], pool=_rbd["pool"],
+                      client_id=_rbd["client"], keyring=_rbd.get("keyring"))
+    volume = RbdVolume(cfg, _rbd["image"], read_only=_readonly, disk=_disk, home=_home,
+                       break_lock=_break_lock)
+    if volume.displaced:
+        nbdkit.debug(f"blockcrypt: broke the exclusive lock of {volume.displaced}")
+    return volume
+
+
 def get_ready() -> None:
     """Open the container before serving, so a bad file or key fails at start-up."""
     global _backend, _dk, _cow_server
     try:
-        _backend = DiskBackend(FileVolume(_file, read_only=_readonly), _dk, discard=_discard)
+        _backend = DiskBackend(open_volume(), _dk, discard=_discard)
         if _cowctl is not None and not _readonly:
             _cow_server = CowServer(_cowctl, _backend)
     finally:

@@ -64,6 +64,7 @@ from ..storage.home import ensure_private_dir
 from ..system import devices, proc, quiesce
 from ..testing.crashpoints import crashpoint
 from . import runtime
+from .boundary import record
 from .runtime import ATTACH_LOOP, ATTACH_NBD, CONTROL_SOCKET, NBD_SOCKET, SERVE
 
 if TYPE_CHECKING:
@@ -220,7 +221,8 @@ class Attachments:
                            f"attach {disk['name']}` later")
 
     def attach(self, name: str, *, read_only: bool = False,
-               threads: int | None = None, force: bool = False) -> dict:
+               threads: int | None = None, force: bool = False,
+               break_lock: bool = False) -> dict:
         """Attach the disk as a local block device; returns the description.
 
         ``threads``: nbdkit worker threads per connection (default
@@ -244,6 +246,10 @@ class Attachments:
                                 ("nbdfuse", "losetup", "fusermount3")))
         if header.encrypted:
             disks.keys.check_usable(header.cmk_id)  # cheap refusal before the claim
+        params = disks.volume_params(disk, break_lock=break_lock and not read_only)
+        holder = disks.holder(disk) if params is not None and not read_only else None
+        if holder is not None and not break_lock:
+            raise errors.DiskHeld(name=name, holder=holder)
         dk = None
         try:
             # Claim first, then unwrap: of many concurrent attaches, the losers
@@ -252,7 +258,8 @@ class Attachments:
                        sock=str(run_dir / NBD_SOCKET), control_socket=run_dir / CONTROL_SOCKET)
             crashpoint("disk-attach.after-claim")
             try:
-                self._wait_for_container_lock(disk, exclusive=not read_only)
+                if params is None:      # an RBD image's lock is the server's own
+                    self._wait_for_container_lock(disk, exclusive=not read_only)
                 dk = disks.unwrap(disk, header)
                 disks.keys.forget_secrets()   # the KEK: not needed once the DK is out
                 ensure_private_dir(disks.home.run_dir)
@@ -260,7 +267,10 @@ class Attachments:
                 _, nbdkit_pid = runtime.start_nbdkit(
                     name, disks.path_of(disk), discard=bool(disk["discard"]), dk=dk,
                     run_dir=run_dir, read_only=read_only, unix_socket=run_dir / NBD_SOCKET,
-                    threads=threads)
+                    threads=threads, volume_params=params)
+                if holder is not None:
+                    record(disks, "disk-break-lock", [("disk", name)],
+                           details={"displaced_holder": holder})
                 if dk is not None:
                     dk.wipe()
                 crashpoint("disk-attach.after-nbdkit")

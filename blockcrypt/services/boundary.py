@@ -40,8 +40,8 @@ _TABLES = {"disk": "disks", "snapshot": "snapshots"}
 
 def object_id(conn: sqlite3.Connection, what: str, name) -> str | None:
     """The id of the disk or snapshot ``name`` in the catalog, None if there is none."""
-    if not isinstance(name, str):
-        return None
+    if not isinstance(name, str) or what not in _TABLES:
+        return None                     # a store is known by its name alone
     row = conn.execute(f"SELECT id FROM {_TABLES[what]} WHERE name = ?", (name,)).fetchone()
     return row["id"] if row else None
 

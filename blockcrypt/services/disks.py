@@ -52,10 +52,11 @@ from pathlib import Path
 from .. import errors, names
 from ..constants import DEFAULT_SECTOR_SIZE, utc_timestamp
 from ..crypto.secret import Secret
-from ..storage import catalog, db, header_backup
-from ..storage.file_store import FileStore
+from ..storage import catalog, db, header_backup, stores
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
+from ..storage.rbd_store import RbdLoc
 from ..storage.store import Store
+from ..storage.stores import Stores
 from ..testing.crashpoints import crashpoint
 from . import copy as copy_service
 from . import resize as resize_service
@@ -99,7 +100,7 @@ class DiskService:
         self.home = home
         self.keys = keys
         self.conn: sqlite3.Connection = conn
-        self.store: Store = FileStore(home.path)
+        self.store: Stores = Stores(home.path, lambda: self.conn)
         self.attachments = Attachments(self)
 
     # -- lookups --------------------------------------------------------------------
@@ -115,6 +116,29 @@ class DiskService:
         """Where the store keeps the disk's container."""
         return self.store.locate(disk["path"], owner=f"disk {disk['name']!r}")
 
+    def volume_params(self, disk: sqlite3.Row, *, break_lock: bool = False) -> list[str] | None:
+        """The plugin parameters serving a disk that is not a file (an RBD image: the
+        store's conf, pool, client and keyring paths, never a key); None for a file."""
+        loc = self.path_of(disk)
+        if not isinstance(loc, RbdLoc):
+            return None
+        cfg = stores.get(self.conn, loc.store)
+        params = [f"rbd-store={cfg.name}", f"rbd-conf={cfg.conf}", f"rbd-pool={cfg.pool}",
+                  f"rbd-client={cfg.client_id}", f"rbd-image={loc.image}",
+                  f"disk={disk['name']}", f"home={self.home.path}"]
+        if cfg.keyring is not None:
+            params.append(f"rbd-keyring={cfg.keyring}")
+        if break_lock:
+            params.append("break-lock=true")
+        return params
+
+    def holder(self, disk: sqlite3.Row) -> str | None:
+        """Who serves the disk from another host (an RBD image's lock holder), or None."""
+        loc = self.path_of(disk)
+        if not isinstance(loc, RbdLoc):
+            return None
+        return self.store.named(loc.store).holder(loc)
+
     def run_dir_of(self, name: str) -> Path:
         return self.home.run_dir / name
 
@@ -124,6 +148,9 @@ class DiskService:
         if not self.store.exists(path):
             if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
                 raise errors.DiskNotFound(name=disk["name"])    # deleted meanwhile
+            if isinstance(path, RbdLoc):
+                raise errors.ImageMissing(image=path.image, owner=f"disk {disk['name']!r}",
+                                          store=path.store)
             raise errors.NotFound(what="container file", name=str(path))
         header = self.store.read_header(path)
         catalog.check_header_matches(header, disk, path)
@@ -146,9 +173,11 @@ class DiskService:
     @audited("disk-create", "disk:name")
     def create(self, name: str, size_bytes: int, *, encrypted: bool = True,
                key_ref: str | None = None, sector_size: int = DEFAULT_SECTOR_SIZE,
-               discard: bool = False) -> dict:
+               discard: bool = False, store: str | None = None) -> dict:
         """Create a disk; returns its description (as :meth:`show`).
 
+        ``store``: the store it goes to (default: files under the home); the store is
+        reached and checked before a data key is made.
         Every argument is validated before anything is written.  An encrypted
         disk gets a fresh DK from the key store, wrapped by key_ref (default:
         the service key) under a context binding this container's identity.
@@ -162,9 +191,11 @@ class DiskService:
         if key_ref is not None and not encrypted:
             raise errors.InvalidInput(detail="--key names the CMK of an encrypted disk; "
                                              "it cannot be used with --no-encrypted")
+        target = self.store.named(store)
         self.recover_files()
         if catalog.get_disk(self.conn, name) is not None:
             raise errors.AlreadyExists(what="disk", name=name)
+        target.check()
         self.home.create_dirs()
 
         uid = os.urandom(ID_BYTES)
@@ -180,8 +211,8 @@ class DiskService:
         else:
             header = new_header(Kind.DISK, size_bytes, sector_size, encrypted=False, uid=uid)
 
-        rel_path = self.store.new_ref("disks", header.uid_hex)
-        with publishing(self.store, self.store.locate(rel_path),
+        rel_path = target.new_ref("disks", header.uid_hex)
+        with publishing(self.store, self.store.locate(rel_path, owner=f"disk {name!r}"),
                         after_commit="disk-create.after-row") as tmp:
             self.store.create(tmp, header)
             crashpoint("disk-create.after-file")
@@ -200,6 +231,7 @@ class DiskService:
     def describe(self, disk: sqlite3.Row, att: sqlite3.Row | None, stale: bool = False) -> dict:
         out = {
             "name": disk["name"], "id": disk["id"], "path": str(self.path_of(disk)),
+            "store": stores.store_name_of(disk["path"]),
             "size_bytes": disk["size_bytes"], "sector_size": disk["sector_size"],
             "encrypted": bool(disk["encrypted"]), "cmk_id": disk["cmk_id"],
             "lineage_id": disk["lineage_id"], "discard": bool(disk["discard"]),
@@ -285,9 +317,13 @@ class DiskService:
 
     @audited("disk-attach", "disk:name")
     def attach(self, name: str, *, read_only: bool = False,
-               threads: int | None = None, force: bool = False) -> dict:
-        """Attach the disk as a local block device; returns the description."""
-        return self.attachments.attach(name, read_only=read_only, threads=threads, force=force)
+               threads: int | None = None, force: bool = False,
+               break_lock: bool = False) -> dict:
+        """Attach the disk as a local block device; returns the description.
+        ``break_lock``: take an RBD disk over from a dead server of another host
+        (audited as ``disk-break-lock``, naming the displaced holder)."""
+        return self.attachments.attach(name, read_only=read_only, threads=threads, force=force,
+                                       break_lock=break_lock)
 
     @audited("disk-detach", "disk:name")
     def detach(self, name: str) -> dict:

@@ -122,7 +122,8 @@ def start_nbdkit(name: str, container: Path, *, discard: bool, dk: Secret | None
                  tcp: tuple[str, int] | None = None, tls: str = "off",
                  tls_psk: Path | None = None, tls_certificates: Path | None = None,
                  serve: bool = False,
-                 threads: int | None = None) -> tuple[subprocess.Popen, int]:
+                 threads: int | None = None,
+                 volume_params: list[str] | None = None) -> tuple[subprocess.Popen, int]:
     """Start nbdkit serving ``container`` and wait until it serves; returns (the
     process we started, nbdkit's pid): for attach the process is the supervisor
     shell (see :func:`blockcrypt.system.commands.supervised_argv`), for serve
@@ -147,7 +148,8 @@ def start_nbdkit(name: str, container: Path, *, discard: bool, dk: Secret | None
             pause_control=run_dir / CONTROL_SOCKET, unix_socket=unix_socket, tcp=tcp,
             exit_with_parent=serve, tls=tls, tls_psk=tls_psk, tls_certificates=tls_certificates,
             threads=commands.NBDKIT_THREADS if threads is None else threads,
-            cow_control=None if read_only else run_dir / COW_SOCKET)
+            cow_control=None if read_only or volume_params is not None else run_dir / COW_SOCKET,
+            volume_params=volume_params)
         with private_umask():
             log = open(log_path, "ab")
         with log:

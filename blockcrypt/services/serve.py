@@ -192,6 +192,9 @@ def serve(disks: DiskService, name: str, *, unix_path: Path | None = None,
     runtime.check_socket_path(run_dir / CONTROL_SOCKET)
     runtime.require_tools("nbdkit")
     header = disks.read_header(disk)
+    holder = None if read_only else disks.holder(disk)
+    if holder is not None:
+        raise errors.DiskHeld(name=name, holder=holder)
     if header.encrypted:
         disks.keys.check_usable(header.cmk_id)
     where = str(unix_path) if unix_path is not None else f"tcp:{tcp}"
@@ -224,7 +227,7 @@ def serve(disks: DiskService, name: str, *, unix_path: Path | None = None,
                     name, disks.path_of(disk), discard=bool(disk["discard"]), dk=dk,
                     run_dir=run_dir, read_only=read_only, unix_socket=unix_path, tcp=endpoint,
                     tls=tls, tls_psk=tls_psk, tls_certificates=tls_certificates, serve=True,
-                    threads=threads)
+                    threads=threads, volume_params=disks.volume_params(disk))
             except errors.ServerError:
                 if stop["signal"] is not None:
                     return 0  # interrupted while starting

@@ -91,6 +91,57 @@ def _pwrite(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+# --- byte devices --------------------------------------------------------------------
+
+class ByteDevice:
+    """What the header code needs of the bytes that hold a container: a file
+    (:class:`FileDevice`) or an RBD image (``storage.rbd_store.RbdDevice``).
+    ``read`` returns fewer bytes only at the end; errors are ``OSError``."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, data: bytes, offset: int) -> None:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Make every write that returned durable."""
+        raise NotImplementedError
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def resize(self, size: int) -> None:
+        """Grow the device to ``size`` bytes (the new range reads as zeros)."""
+        raise NotImplementedError
+
+
+class FileDevice(ByteDevice):
+    """A container file's open descriptor."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
+
+    def read(self, offset: int, length: int) -> bytes:
+        return _pread(self.fd, length, offset)
+
+    def write(self, data: bytes, offset: int) -> None:
+        _pwrite(self.fd, data, offset)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def size(self) -> int:
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.FormatError(path=self.path, reason="not a regular file")
+        return st.st_size
+
+    def resize(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+
+
 # struct flock for F_OFD_SETLKW (Linux x86-64/arm64): l_type, l_whence, l_start,
 # l_len, l_pid (must be 0 for OFD locks), padding to 32 bytes.
 _FLOCK = struct.Struct("@hhqqi4x")
@@ -132,14 +183,12 @@ class _Loaded:
     file_size: int
 
 
-def _load(fd: int, path: str) -> _Loaded:
+def _load(fd: int | ByteDevice, path: str) -> _Loaded:
     """Read both copies and select the winner (F-22, F-23, F-8)."""
+    dev = _device(fd, path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise errors.FormatError(path=path, reason="not a regular file")
-        file_size = st.st_size
-        raws = [_pread(fd, COPY_SIZE, off) for off in COPY_OFFSETS]
+        file_size = dev.size()
+        raws = [dev.read(off, COPY_SIZE) for off in COPY_OFFSETS]
     except OSError as exc:
         raise errors.storage_error(path, exc, CONTAINER_FILE) from None
     if file_size < COPY_SIZE:
@@ -177,12 +226,17 @@ def _load(fd: int, path: str) -> _Loaded:
     return _Loaded(header, raw, winner, stale, file_size)
 
 
-def _repair(fd: int, loaded: _Loaded) -> None:
+def _device(fd: int | ByteDevice, path: str) -> ByteDevice:
+    return fd if isinstance(fd, ByteDevice) else FileDevice(fd, path)
+
+
+def _repair(fd: int | ByteDevice, loaded: _Loaded, path: str = "") -> None:
     """Rewrite stale copies with the winner's bytes (F-24); best effort."""
+    dev = _device(fd, path)
     try:
         for slot in loaded.stale:
-            _pwrite(fd, loaded.raw, COPY_OFFSETS[slot])
-        os.fsync(fd)
+            dev.write(loaded.raw, COPY_OFFSETS[slot])
+        dev.sync()
     except OSError:
         pass  # the header read is still valid; the next writable open retries
 
@@ -205,12 +259,17 @@ def read_header(path: os.PathLike | str, *, repair: bool = True) -> Header:
     if not writable:
         fd = _open_locked(p, writable=False)
     try:
-        loaded = _load(fd, p)
-        if writable and loaded.stale:
-            _repair(fd, loaded)
-        return loaded.header
+        return read_header_on(FileDevice(fd, p), p, repair=writable)
     finally:
         os.close(fd)
+
+
+def read_header_on(dev: ByteDevice, name: str, *, repair: bool) -> Header:
+    """:func:`read_header` on an open device (the caller holds whatever lock it needs)."""
+    loaded = _load(dev, name)
+    if repair and loaded.stale:
+        _repair(dev, loaded, name)
+    return loaded.header
 
 
 def _step(name: str) -> None:
@@ -218,9 +277,10 @@ def _step(name: str) -> None:
         _fault_hook(name)
 
 
-def _update_locked(fd: int, path: str, loaded: _Loaded, header: Header,
+def _update_locked(fd: int | ByteDevice, path: str, loaded: _Loaded, header: Header,
                    file_size: int) -> Header:
     """Store header with seq+1: non-winning slot first, then the winner's (F-25)."""
+    dev = _device(fd, path)
     if loaded.header.seq >= MAX_SEQ:
         raise errors.BadGeometry(path=path, reason="the header sequence number is "
                                  "exhausted (2^64 - 1)")
@@ -235,9 +295,9 @@ def _update_locked(fd: int, path: str, loaded: _Loaded, header: Header,
     try:
         for slot in order:
             _step(f"write:{COPY_NAMES[slot]}")
-            _pwrite(fd, raw, COPY_OFFSETS[slot])
+            dev.write(raw, COPY_OFFSETS[slot])
             _step(f"fsync:{COPY_NAMES[slot]}")
-            os.fsync(fd)
+            dev.sync()
     except OSError as exc:
         raise errors.storage_error(path, exc, CONTAINER_FILE) from None
     return new
@@ -253,10 +313,15 @@ def write_header(path: os.PathLike | str, header: Header) -> Header:
     p = os.fspath(path)
     fd = _open_locked(p, writable=True)
     try:
-        loaded = _load(fd, p)
-        return _update_locked(fd, p, loaded, header, loaded.file_size)
+        return write_header_on(FileDevice(fd, p), p, header)
     finally:
         os.close(fd)
+
+
+def write_header_on(dev: ByteDevice, name: str, header: Header) -> Header:
+    """:func:`write_header` on an open device."""
+    loaded = _load(dev, name)
+    return _update_locked(dev, name, loaded, header, loaded.file_size)
 
 
 def restore_header(path: os.PathLike | str, header: Header) -> Header:
@@ -267,21 +332,26 @@ def restore_header(path: os.PathLike | str, header: Header) -> Header:
     p = os.fspath(path)
     fd = _open_locked(p, writable=True)
     try:
-        try:
-            loaded = _load(fd, p)
-        except errors.UnknownVersion:       # written by a newer blockcrypt: never downgrade
-            raise
-        except errors.FormatError:          # both copies damaged
-            try:
-                size = os.fstat(fd).st_size
-            except OSError as exc:
-                raise errors.storage_error(p, exc, CONTAINER_FILE) from None
-            loaded = _Loaded(header, b"", winner=0, stale=[1], file_size=size)
-        base = loaded.header.replace(seq=max(loaded.header.seq, header.seq))
-        loaded = _Loaded(base, loaded.raw, loaded.winner, loaded.stale, loaded.file_size)
-        return _update_locked(fd, p, loaded, header, loaded.file_size)
+        return restore_header_on(FileDevice(fd, p), p, header)
     finally:
         os.close(fd)
+
+
+def restore_header_on(dev: ByteDevice, p: str, header: Header) -> Header:
+    """:func:`restore_header` on an open device."""
+    try:
+        loaded = _load(dev, p)
+    except errors.UnknownVersion:       # written by a newer blockcrypt: never downgrade
+        raise
+    except errors.FormatError:          # both copies damaged
+        try:
+            size = dev.size()
+        except OSError as exc:
+            raise errors.storage_error(p, exc, CONTAINER_FILE) from None
+        loaded = _Loaded(header, b"", winner=0, stale=[1], file_size=size)
+    base = loaded.header.replace(seq=max(loaded.header.seq, header.seq))
+    loaded = _Loaded(base, loaded.raw, loaded.winner, loaded.stale, loaded.file_size)
+    return _update_locked(dev, p, loaded, header, loaded.file_size)
 
 
 def grow_container(path: os.PathLike | str, size_bytes: int, *,
@@ -297,37 +367,50 @@ def grow_container(path: os.PathLike | str, size_bytes: int, *,
     p = os.fspath(path)
     fd = _open_locked(p, writable=True)
     try:
-        loaded = _load(fd, p)
-        old = loaded.header
-        if not isinstance(size_bytes, int) or size_bytes < old.size_bytes:
-            raise errors.InvalidSize(size=size_bytes, reason=f"a container only grows; "
-                                     f"it has {old.size_bytes} bytes")
-        if size_bytes % old.sector_size:
-            raise errors.InvalidSize(size=size_bytes, reason=f"the size must be a multiple "
-                                     f"of the sector size ({old.sector_size} bytes)")
-        if old.encrypted and wrapped_dk is None:
-            raise errors.InvalidInput(detail="growing an encrypted container changes its "
-                                      "key context; pass the data key re-wrapped for it")
-        if not old.encrypted and wrapped_dk is not None:
-            raise errors.InvalidInput(detail="an unencrypted container has no data key")
-        new = old.replace(size_bytes=size_bytes,
-                          wrapped_dk=wrapped_dk if old.encrypted else None)
-        if old.encrypted and cmk_version is not None:
-            new = new.replace(cmk_version=cmk_version)
-        if old.data_offset + size_bytes > MAX_FILE_BYTES:
-            raise errors.InvalidSize(size=size_bytes, reason="the file would exceed 2^63 - 1 "
-                                     "bytes")
-        file_size = loaded.file_size
-        if file_size < new.file_size_bytes:
-            try:
-                os.ftruncate(fd, new.file_size_bytes)
-                os.fsync(fd)
-            except OSError as exc:
-                raise errors.storage_error(p, exc, CONTAINER_FILE) from None
-            file_size = new.file_size_bytes
-        return _update_locked(fd, p, loaded, new, file_size)
+        return grow_on(FileDevice(fd, p), p, size_bytes, wrapped_dk=wrapped_dk,
+                       cmk_version=cmk_version)
     finally:
         os.close(fd)
+
+
+def grow_on(dev: ByteDevice, p: str, size_bytes: int, *, wrapped_dk: bytes | None = None,
+            cmk_version: int | None = None) -> Header:
+    """:func:`grow_container` on an open device."""
+    loaded = _load(dev, p)
+    old = loaded.header
+    if not isinstance(size_bytes, int) or size_bytes < old.size_bytes:
+        raise errors.InvalidSize(size=size_bytes, reason=f"a container only grows; "
+                                 f"it has {old.size_bytes} bytes")
+    if size_bytes % old.sector_size:
+        raise errors.InvalidSize(size=size_bytes, reason=f"the size must be a multiple "
+                                 f"of the sector size ({old.sector_size} bytes)")
+    if old.encrypted and wrapped_dk is None:
+        raise errors.InvalidInput(detail="growing an encrypted container changes its "
+                                  "key context; pass the data key re-wrapped for it")
+    if not old.encrypted and wrapped_dk is not None:
+        raise errors.InvalidInput(detail="an unencrypted container has no data key")
+    new = old.replace(size_bytes=size_bytes,
+                      wrapped_dk=wrapped_dk if old.encrypted else None)
+    if old.encrypted and cmk_version is not None:
+        new = new.replace(cmk_version=cmk_version)
+    if old.data_offset + size_bytes > MAX_FILE_BYTES:
+        raise errors.InvalidSize(size=size_bytes, reason="the file would exceed 2^63 - 1 "
+                                 "bytes")
+    file_size = loaded.file_size
+    if file_size < new.file_size_bytes:
+        try:
+            dev.resize(new.file_size_bytes)
+        except OSError as exc:
+            raise errors.storage_error(p, exc, CONTAINER_FILE) from None
+        file_size = new.file_size_bytes
+    return _update_locked(dev, p, loaded, new, file_size)
+
+
+def write_new_copies(dev: ByteDevice, raw: bytes) -> None:
+    """Write both copies of a new container (F-28) and make them durable."""
+    for offset in COPY_OFFSETS:
+        dev.write(raw, offset)
+    dev.sync()
 
 
 def create_container(path: os.PathLike | str, header: Header) -> Header:
@@ -345,9 +428,7 @@ def create_container(path: os.PathLike | str, header: Header) -> Header:
     try:
         try:
             os.ftruncate(fd, stored.file_size_bytes)
-            for offset in COPY_OFFSETS:
-                _pwrite(fd, raw, offset)
-            os.fsync(fd)
+            write_new_copies(FileDevice(fd, p), raw)
         finally:
             os.close(fd)
         fsync_dir(os.path.dirname(os.path.abspath(p)))

@@ -31,6 +31,7 @@ BUSY_TIMEOUT_S = 60.0
 # Modules that call register_schema at import; imported by connect() so every
 # connection sees every table, whatever the caller imported first.
 SCHEMA_MODULES = ("blockcrypt.storage.catalog", "blockcrypt.storage.persistent",
+                  "blockcrypt.storage.stores",
                   "blockcrypt.kms.schema")
 
 # SQLite primary result codes (sqlite3.Error.sqlite_errorcode & 0xff).

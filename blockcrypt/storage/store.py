@@ -67,6 +67,10 @@ class ContainerLock(abc.ABC):
 class Store(abc.ABC, Generic[L]):
     """Where containers live, and the operations the services need on them."""
 
+    def check(self) -> None:
+        """Raise if the store cannot be used now (a cluster unreachable, a pool
+        missing); the home's files always can."""
+
     # -- naming ----------------------------------------------------------------
     @abc.abstractmethod
     def new_ref(self, table: str, obj_id: str) -> str:

@@ -55,7 +55,8 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
                 exit_with_parent: bool = False, tls: str = "off",
                 tls_psk: Path | None = None, tls_certificates: Path | None = None,
                 threads: int = NBDKIT_THREADS,
-                cow_control: Path | None = None) -> list[str]:
+                cow_control: Path | None = None,
+                volume_params: Sequence[str] | None = None) -> list[str]:
     """nbdkit serving one container through the blockcrypt Python plugin.
 
     The pause filter is always stacked on top so a snapshot can quiesce I/O
@@ -66,6 +67,8 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
     one of tls_psk / tls_certificates must be given; with certificates every
     client must present one signed by the directory's CA (``--tls-verify-peer``).
     ``threads``: nbdkit worker threads per connection (see NBDKIT_THREADS).
+    ``volume_params``: the plugin's ``key=value`` parameters naming a disk that is not a
+    file (an RBD image: ``rbd-*``, never a key); they replace ``file=container``.
     """
     if (unix_socket is None) == (tcp is None):
         raise ValueError("exactly one of unix_socket and tcp")
@@ -96,8 +99,8 @@ def nbdkit_argv(*, plugin_script: Path, container: Path, read_only: bool, discar
             argv += [f"--tls-certificates={tls_certificates}", "--tls-verify-peer"]
     if read_only:
         argv.append("--readonly")
-    argv += ["--filter=pause", "python", str(plugin_script),
-             f"file={container}"]
+    argv += ["--filter=pause", "python", str(plugin_script)]
+    argv += list(volume_params) if volume_params is not None else [f"file={container}"]
     if keyfd is not None:
         argv.append(f"keyfd={keyfd}")
     argv += [f"readonly={'true' if read_only else 'false'}",

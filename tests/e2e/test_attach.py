@@ -41,10 +41,11 @@ MiB = 2**20
 # -- 1 and 3: mkfs, mount, files, detach, re-attach, verify, fsck ---------------------
 
 @pytest.mark.parametrize("encrypted,sector", [(True, "4096"), (False, "4096"), (True, "512")])
-def test_filesystem_roundtrip(env, encrypted, sector):
+def test_filesystem_roundtrip(env, encrypted, sector, store_name, store_args):
     require_tools("mkfs.ext4", "e2fsck", "blockdev")
     enc = [] if encrypted else ["--no-encrypted"]
-    env.create("fs", "512M", "--sector-size", sector, *enc)
+    env.create("fs", "512M", "--sector-size", sector, *enc, *store_args(env.cli))
+    assert env.json("disk", "show", "fs")["store"] == ("ceph" if store_name == "rbd" else "file")
     d = env.attach("fs")
     dev = d["device"]
     assert d["method"] == "nbdfuse-loop" and d["read_only"] is False
@@ -77,14 +78,16 @@ def test_filesystem_roundtrip(env, encrypted, sector):
 # -- 2 and 3: what the container file holds ---------------------------------------------
 
 @pytest.mark.parametrize("encrypted", [True, False])
-def test_file_holds_ciphertext_or_plaintext(env, encrypted):
-    env.create("raw", "64M", *([] if encrypted else ["--no-encrypted"]))
+def test_file_holds_ciphertext_or_plaintext(env, encrypted, store_name, store_args, request):
+    env.create("raw", "64M", *([] if encrypted else ["--no-encrypted"]), *store_args(env.cli))
     pattern = os.urandom(MiB)                  # known to the test, 256 distinct 4 KiB pieces
     offset = 8 * MiB
     dev = env.attach("raw")["device"]
     dd_write(dev, pattern, offset)
     env.detach("raw")
     path = env.json("disk", "show", "raw")["path"]
+    if store_name == "rbd":    # `rbd export` of the image is a container file (FORMAT.md)
+        path = request.getfixturevalue("ceph_cluster").export(path, env.tmp / "raw.bcd")
     header = container.read_header(path)
     pieces = [pattern[i:i + 4096] for i in range(0, MiB, 4096)]
     extents = read_allocated(path)

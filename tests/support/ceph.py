@@ -62,6 +62,12 @@ class Cluster:
     def images(self, pool: str | None = None) -> list[str]:
         return json.loads(self.rbd("ls", "--format", "json", pool or self.pool).stdout)
 
+    def export(self, ref: str, dest: Path) -> Path:
+        """``rbd export`` the image of a catalog reference ``rbd:STORE/IMAGE`` to ``dest``."""
+        image = ref.split("/", 1)[1]
+        self.rbd("export", f"{self.pool}/{image}", str(dest))
+        return dest
+
     def stop(self) -> None:
         subprocess.run([str(SCRIPT), "down", str(self.dir)], check=False, timeout=60)
 

@@ -28,6 +28,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "kms": BASE + ("blockcrypt.crypto", "blockcrypt.storage.db", "blockcrypt.storage.home",
                    "blockcrypt.testing"),
     "nbd": BASE + ("blockcrypt.crypto", "blockcrypt.storage.volume", "blockcrypt.storage.header",
+                   "blockcrypt.storage.rbd_volume",
                    "blockcrypt.storage.container", "blockcrypt.storage.fastcopy",
                    "blockcrypt.system.libc"),
     "services": BASE + ("blockcrypt.names", "blockcrypt.crypto.secret", "blockcrypt.kms.provider",

@@ -1,0 +1,167 @@
+"""Disks on Ceph RBD against the session's real cluster (issue 17).
+
+- `store add` checks the cluster, the cephx user and the pool before recording
+  anything: each bad input has its own error and exit code; `store remove` is
+  refused while a disk lives in the store;
+- an image removed behind blockcrypt's back is reported as the disk's, naming the
+  store;
+- two hosts (two homes) share the cluster and one KMIP key manager: a disk created
+  and written on A is imported on B (`disk import --store`), attached there with
+  A's data; while B serves it A's attach is refused naming B; after kill -9 of B's
+  server the lock stays (never broken silently) until A's `--break-lock`, which is
+  audited and takes the disk over with B's last writes.
+
+The filesystem lifecycle (create, attach, mkfs, mount, write, detach, re-attach,
+verify) runs over both stores in tests/e2e/test_attach.py (``store_name``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from blockcrypt import errors
+
+from support.env import Env, dd_read, dd_write
+from support.prereq import require_block_devices
+from support.wait import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+MiB = 1 << 20
+
+
+def _add(e: Env, cluster, keyring: Path, name: str = "ceph", *extra: str):
+    return e.cli("store", "add", name, "--type", "rbd", "--conf", str(cluster.conf),
+                 "--pool", cluster.pool, "--client-id", "blockcrypt", "--keyring",
+                 str(keyring), *extra, check=False)
+
+
+def _refused(e: Env, error: type[errors.BlockcryptError], cp) -> str:
+    assert cp.returncode == error.exit_code, (cp.returncode, cp.stderr.decode())
+    return cp.stderr.decode()
+
+
+def test_store_add_checks_before_recording(env, ceph_cluster, tmp_path):
+    good = ceph_cluster.add_client("blockcrypt", tmp_path / "good.keyring")
+    wrong = tmp_path / "wrong.keyring"
+    wrong.write_text(good.read_text().split("key = ")[0] +
+                     "key = AQBsYQdnAAAAABAAbS1pbGxpb25zb2ZyYW5kb21ieXRlcw==\n")
+    wrong.chmod(0o600)
+    msg = _refused(env, errors.StoreAuthRefused, _add(env, ceph_cluster, wrong))
+    assert "store 'ceph'" in msg and "client.blockcrypt" in msg and str(wrong) in msg
+    loose = tmp_path / "loose.keyring"
+    loose.write_text(good.read_text())
+    loose.chmod(0o644)
+    assert "chmod 600" in _refused(env, errors.InsecureFile, _add(env, ceph_cluster, loose))
+    cp = env.cli("store", "add", "ceph", "--type", "rbd", "--conf", str(ceph_cluster.conf),
+                 "--pool", "nopool", "--client-id", "blockcrypt", "--keyring", str(good),
+                 check=False)
+    msg = _refused(env, errors.PoolMissing, cp)
+    assert "'nopool' does not exist" in msg and "rbd pool init nopool" in msg
+    # a cluster nobody answers for: refused within the connect timeout, never a hang
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = tmp_path / "dead.conf"
+    mon = next(line for line in ceph_cluster.conf.read_text().splitlines()
+               if line.startswith("mon_host"))
+    dead.write_text(ceph_cluster.conf.read_text().replace(
+        mon, f"mon_host = v2:127.0.0.1:{s.getsockname()[1]}"))
+    s.close()
+    cp = env.cli("store", "add", "ceph", "--type", "rbd", "--conf", str(dead), "--pool", "rbd",
+                 "--client-id", "blockcrypt", "--keyring", str(good), check=False,
+                 timeout=60)
+    assert "cannot be reached" in _refused(env, errors.StoreUnreachable, cp)
+    assert env.json("store", "list") == []                   # nothing recorded
+
+    assert _add(env, ceph_cluster, good).returncode == 0
+    assert _refused(env, errors.AlreadyExists, _add(env, ceph_cluster, good))
+    shown = env.json("store", "show", "ceph")
+    assert shown["pool"] == ceph_cluster.pool and shown["keyring"] == str(good)
+    assert "AQ" not in env.cli("store", "show", "ceph", "--json").stdout.decode()  # no key
+    d = env.create("db", "64M", "--store", "ceph")
+    assert d["store"] == "ceph" and d["path"] == f"rbd:ceph/bc-{d['id']}"
+    assert f"bc-{d['id']}" in ceph_cluster.images()
+    msg = env.refused(errors.StateError, "store", "remove", "ceph")
+    assert "disk db" in msg
+    env.refused(errors.DiskStoreNotFound, "disk", "create", "x", "--size", "16M",
+                "--store", "nosuch")
+    env.cli("disk", "delete", "db")
+    assert f"bc-{d['id']}" not in ceph_cluster.images()
+    env.cli("store", "remove", "ceph")
+    assert env.json("store", "list") == []
+
+
+def test_image_removed_behind_blockcrypts_back(env, ceph_cluster, tmp_path):
+    keyring = ceph_cluster.add_client("blockcrypt", tmp_path / "k.keyring")
+    assert _add(env, ceph_cluster, keyring).returncode == 0
+    d = env.create("gone", "64M", "--store", "ceph")
+    ceph_cluster.rbd("rm", f"{ceph_cluster.pool}/bc-{d['id']}")
+    msg = env.refused(errors.ImageMissing, "disk", "attach", "gone")
+    assert "disk 'gone'" in msg and "store 'ceph'" in msg
+    assert env.json("disk", "show", "gone")["state"] == "available"
+    env.cli("disk", "delete", "gone")       # the catalog entry can still be removed
+
+
+def test_two_hosts_share_a_store_and_one_server_at_a_time(kmip_server, ceph_cluster,
+                                                           tmp_path, passphrase_file):
+    require_block_devices()
+    srv = kmip_server
+    hosts: dict[str, Env] = {}
+    try:
+        for h in "AB":
+            (tmp_path / h).mkdir()
+            hosts[h] = Env(tmp_path / h / "home", passphrase_file, tmp_path / h)
+        A, B = hosts["A"], hosts["B"]
+        A.cli(*srv.provider_args("kms", srv.client("rbd-host-a", "tenant-1")))
+        B.cli(*srv.provider_args("kms", srv.client("rbd-host-b", "tenant-1")))
+        for h, e in hosts.items():
+            keyring = ceph_cluster.add_client("blockcrypt", tmp_path / h / "k.keyring")
+            assert _add(e, ceph_cluster, keyring).returncode == 0
+        A.json("key", "create", "--alias", "shared", "--provider", "kms")
+        d = A.create("vol", "64M", "--key", "shared", "--store", "ceph")
+        image = f"bc-{d['id']}"
+        pattern = os.urandom(MiB)
+        dd_write(A.attach("vol")["device"], pattern, 3 * MiB)
+        A.detach("vol")
+
+        # B learns of the image, checked: header, id, and the key unwraps on B.
+        B.refused(errors.ImageMissing, "disk", "import", "vol", "bc-" + "0" * 32,
+                  "--store", "ceph")
+        got = B.json("disk", "import", "vol", image, "--store", "ceph")
+        assert got["id"] == d["id"] and got["store"] == "ceph"
+        assert f"rbd:ceph/{image}" == got["path"]
+        B.refused(errors.StateError, "disk", "import", "again", image, "--store", "ceph")
+        dev_b = B.attach("vol")["device"]
+        assert dd_read(dev_b, MiB, 3 * MiB) == pattern
+
+        # One server at a time: A is refused, naming B (host, home).
+        msg = A.refused(errors.DiskHeld, "disk", "attach", "vol")
+        assert str(B.home) in msg and "--break-lock" in msg
+        assert A.json("disk", "show", "vol")["state"] == "available"
+
+        # B writes, then its server dies (kill -9): the lock is not broken silently.
+        second = os.urandom(MiB)
+        dd_write(dev_b, second, 5 * MiB)
+        os.kill(B.json("disk", "show", "vol")["nbdkit_pid"], signal.SIGKILL)
+        msg = A.refused(errors.DiskHeld, "disk", "attach", "vol")
+        assert str(B.home) in msg
+        n = len(A.json("audit"))
+        dev_a = A.attach("vol", "--break-lock")["device"]
+        assert dd_read(dev_a, MiB, 3 * MiB) == pattern
+        assert dd_read(dev_a, MiB, 5 * MiB) == second       # B's acknowledged writes
+        broke = [r for r in A.json("audit")[n:] if r["operation"] == "disk-break-lock"]
+        assert len(broke) == 1 and str(B.home) in str(broke[0]["details"])
+        A.json("audit", "verify")
+        # B's attachment is stale now; cleaning it up does not disturb A's server.
+        wait_for(lambda: B.json("disk", "show", "vol")["state"] in ("stale", "available"),
+                 timeout_s=30, what="B's dead attachment seen as stale")
+        B.cli("disk", "detach", "vol", check=False)
+        assert B.refused(errors.DiskHeld, "disk", "attach", "vol")
+        A.detach("vol")
+    finally:
+        for e in hosts.values():
+            e.cleanup()
