@@ -314,11 +314,13 @@ class ServerFactory:
 
     def _blockcrypt(self, run_dir: Path, sock: Path, log: Path, encrypted: bool,
                     sector_size: int, *, setup: tuple[tuple[str, ...], ...] = (),
-                    create_args: tuple[str, ...] = (), after_create=None):
+                    create_args: tuple[str, ...] = (), serve_args: tuple[str, ...] = (),
+                    after_create=None):
         """`blockcrypt init`, `disk create`, `disk serve NAME --unix SOCK` in a fresh home.
 
-        ``setup``: CLI commands run after init (e.g. `store add`); ``create_args``: extra
-        `disk create` options (e.g. `--store`); ``after_create()`` runs before serving."""
+        ``setup``: CLI commands run after init (e.g. `store add`); ``create_args`` and
+        ``serve_args``: extra `disk create` / `disk serve` options (e.g. `--store`,
+        `--threads`); ``after_create()`` runs before serving."""
         home = run_dir / "home"
         name = "bench"
         env = cli_env()
@@ -333,7 +335,7 @@ class ServerFactory:
         if after_create is not None:
             after_create()
         proc = self.procs.spawn(cli_argv(home, self.passphrase_file, "disk", "serve", name,
-                                         "--unix", str(sock)), log=log, env=env)
+                                         "--unix", str(sock), *serve_args), log=log, env=env)
         return proc, [self._uri(sock), self._uri(sock, name)]
 
     # peers -----------------------------------------------------------------------

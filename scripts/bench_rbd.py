@@ -116,10 +116,11 @@ class RbdServerFactory(ServerFactory):
     """bench.py's factory with the RBD servers; every image lives in ``cluster``."""
 
     def __init__(self, workdir: Path, size_bytes: int, procs: ProcessTable, cluster: Cluster,
-                 rbd_cache: bool):
+                 rbd_cache: bool, serve_threads: int | None = None):
         super().__init__(workdir, size_bytes, procs)
         self.cluster = cluster
         self.rbd_cache = rbd_cache
+        self.serve_args = () if serve_threads is None else ("--threads", str(serve_threads))
         self.images: dict[str, list[str]] = {}      # run dir name -> RBD images it made
 
     def starters(self, run_dir: Path, sock: Path, log: Path) -> dict:
@@ -149,7 +150,8 @@ class RbdServerFactory(ServerFactory):
         add = ("store", "add", STORE, "--type", "rbd", "--conf", str(self.cluster.conf),
                "--pool", self.cluster.pool)
         return self._blockcrypt(run_dir, sock, log, encrypted, 4096, setup=(add,),
-                                create_args=("--store", STORE), after_create=after_create)
+                                create_args=("--store", STORE), serve_args=self.serve_args,
+                                after_create=after_create)
 
     def _qemu_rbd(self, run_dir: Path, sock: Path, log: Path, fmt: str):
         image = f"qemu-{run_dir.name}"
@@ -333,6 +335,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-snapshot", action="store_true", help="skip the snapshot row")
     p.add_argument("--rbd-cache", choices=("off", "on"), default="off",
                    help="librbd writeback cache on every image (default off)")
+    p.add_argument("--serve-threads", type=int, default=None, metavar="N",
+                   help="`disk serve --threads N` for the blockcrypt servers (default: the "
+                        "CLI's default, as users run it)")
     p.add_argument("--quick", action="store_true", help="64 MiB, 1 repetition, 2 s fio")
     p.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                    help=f"comma-separated subset of: {', '.join(SERVERS)}")
@@ -383,7 +388,8 @@ def run(args: argparse.Namespace) -> dict:
             f"librbd cache {args.rbd_cache}")
         source = workdir / "source.bin"
         bench.make_source(source, args.size)
-        factory = RbdServerFactory(workdir, args.size, procs, cluster, args.rbd_cache == "on")
+        factory = RbdServerFactory(workdir, args.size, procs, cluster, args.rbd_cache == "on",
+                                   args.serve_threads)
         samples = {s: {w: [] for w, _, _ in bench.WORKLOADS} for s in args.servers}
         plaintext: dict[str, bool] = {}
         for rep in range(args.reps):
