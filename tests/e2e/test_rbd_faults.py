@@ -238,7 +238,7 @@ def test_cluster_unreachable_gives_eio_and_a_clear_refusal(rbd_env, ceph_cluster
         assert time.monotonic() - t0 < EIO_DEADLINE_S
         assert f"'{STORE}'" in msg, msg
         assert "Traceback" not in msg
-        assert env.json("disk", "show", "other")["state"] == "detached"
+        assert env.json("disk", "show", "other")["state"] == "available"
     finally:
         recover()
     assert_acked_intact(env, "vol", w)
@@ -287,7 +287,7 @@ def test_image_deleted_behind_blockcrypts_back(rbd_env, ceph_cluster):
     msg = env.refused(errors.ImageMissing, "disk", "attach", "vol")
     assert "vol" in msg and f"'{STORE}'" in msg and "Traceback" not in msg, msg
     assert image not in ceph_cluster.images()
-    assert env.json("disk", "show", "vol")["state"] == "detached"
+    assert env.json("disk", "show", "vol")["state"] == "available"
     # the catalog entry can then be removed, as the message says
     env.cli("disk", "delete", "vol")
     assert "vol" not in env.cli("disk", "list").stdout.decode()
