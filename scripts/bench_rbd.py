@@ -282,11 +282,10 @@ def targets(summary: dict, snap: dict | None) -> list[dict]:
     return rows
 
 
-def report_text(result: dict) -> str:
+def servers_text(result: dict, short: dict[str, str]) -> list[str]:
+    """The servers table, the ratios to the qemu peer and the plaintext search."""
     cfg, summary, servers = result["config"], result["median"], result["servers"]
-    short = {s: s.replace("blockcrypt-", "bc-") for s in servers}
-    out = [f"\nCeph RBD: {cfg['cluster']}; librbd cache {cfg['rbd_cache']}.",
-           f"\nServers (median of {cfg['repetitions']} alternating repetition(s), "
+    out = [f"\nServers (median of {cfg['repetitions']} alternating repetition(s), "
            f"{cfg['size_bytes'] / MiB:,.0f} MiB each, peak RSS = max):"]
     out.append(table(["workload"] + [short[s] for s in servers],
                      [[f"{label} ({unit})"] + [fmt_num(summary[s][w]) for s in servers]
@@ -300,6 +299,16 @@ def report_text(result: dict) -> str:
     checks = result["plaintext_in_raw_image"]
     out.append("\nRaw image holds a source block in plaintext: "
                + ", ".join(f"{short[s]} {'yes' if v else 'no'}" for s, v in checks.items()))
+    return out
+
+
+def report_text(result: dict) -> str:
+    cfg = result["config"]
+    short = {s: s.replace("blockcrypt-", "bc-") for s in SERVERS}
+    out = [f"\nCeph RBD: {cfg['cluster']}; librbd cache {cfg['rbd_cache']}; blockcrypt "
+           f"served with {cfg['blockcrypt_serve']}."]
+    if result["servers"]:
+        out += servers_text(result, short)
     snap = result.get("snapshot")
     if snap:
         out.append(f"\nSnapshot of {snap['data_bytes'] / 2 ** 30:g} GiB on {short[BC_XTS]} "
@@ -322,6 +331,13 @@ def report_text(result: dict) -> str:
 
 # -- main -----------------------------------------------------------------------
 
+def serve_text(threads: int | None) -> str:
+    from blockcrypt.system.commands import NBDKIT_THREADS
+    if threads is None:
+        return f"`disk serve NAME --unix SOCK` (default {NBDKIT_THREADS} nbdkit threads)"
+    return f"`disk serve NAME --unix SOCK --threads {threads}`"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -333,6 +349,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--snapshot-data", type=bench.parse_size, default=None,
                    help="data on the snapshotted disk (default 1G; 64M with --quick)")
     p.add_argument("--no-snapshot", action="store_true", help="skip the snapshot row")
+    p.add_argument("--snapshot-only", action="store_true",
+                   help="only the snapshot row (no throughput servers)")
     p.add_argument("--rbd-cache", choices=("off", "on"), default="off",
                    help="librbd writeback cache on every image (default off)")
     p.add_argument("--serve-threads", type=int, default=None, metavar="N",
@@ -347,10 +365,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.size = args.size or (64 * MiB if args.quick else 512 * MiB)
     args.reps = args.reps or (1 if args.quick else 3)
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
     args.fio_runtime = args.fio_runtime or (2.0 if args.quick else 10.0)
     args.snapshot_data = args.snapshot_data or (64 * MiB if args.quick else 1024 * MiB)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    if not args.servers or set(args.servers) - set(SERVERS):
+    if args.snapshot_only and args.no_snapshot:
+        p.error("--snapshot-only and --no-snapshot exclude each other")
+    if args.snapshot_only:
+        args.servers, args.reps = [], 0
+    elif not args.servers or set(args.servers) - set(SERVERS):
         p.error(f"choose servers from {', '.join(SERVERS)}")
     if args.size + args.snapshot_data > 2 * 1024 * MiB:
         p.error("the cluster's OSD holds 4 GiB: keep --size + --snapshot-data <= 2 GiB")
@@ -443,6 +467,7 @@ def run(args: argparse.Namespace) -> dict:
                    "rbd_cache": f"{args.rbd_cache} on every image (per-image conf_rbd_cache="
                                 f"{'true' if args.rbd_cache == 'on' else 'false'}; qemu-nbd "
                                 f"--cache={'writeback' if args.rbd_cache == 'on' else 'none'})",
+                   "blockcrypt_serve": serve_text(args.serve_threads),
                    "units": {"MBps": "10^6 bytes per second", "MiB": "2^20 bytes"}},
         "machine": bench.machine_info(),
         "servers": args.servers,
