@@ -8,6 +8,8 @@
 - :mod:`.copy`: ``disk copy`` (mount + rsync between two disks);
 - :mod:`.snapshots`: LifecycleService, snapshots, disks from snapshots, reset, reinit;
 - :mod:`.resize`: ``disk resize`` (grow in place, detached or attached);
+- :mod:`.stores`: ``store add/list/show/remove`` (disk stores besides the home's files);
+- :mod:`.rbd_snapshots`: snapshots, clones, rollbacks of disks on Ceph RBD;
 - :mod:`.progress`: the copy loop's progress, routed to the CLI's display.
 
 They talk to key providers through :mod:`blockcrypt.kms.provider`, to containers

@@ -98,8 +98,8 @@ def about(what: str, name: str, home: Path, file: Path | str | None = None) -> I
     try:
         yield
     except errors.NoSpace as e:
-        if isinstance(e, errors.HomeFull):
-            raise
+        if isinstance(e, errors.HomeFull) or str(e.fields.get("path", "")).startswith("rbd:"):
+            raise                     # (a full Ceph cluster is not a full home)
         raise errors.HomeFull(home=str(home), what=label) from None
     except errors.BlockcryptError as e:
         new = _rewrite(e, what, name, home, file)

@@ -90,8 +90,8 @@ class DiskService:
     ``conn`` is the catalog's SQLite connection; ``keys`` is the
     :class:`~blockcrypt.kms.provider.KeyProvider` that wraps and unwraps data
     keys (the services never read key tables themselves).  ``store`` keeps the
-    containers (:class:`~blockcrypt.storage.file_store.FileStore` under the
-    home).  ``attachments`` (:class:`~blockcrypt.services.attach.Attachments`)
+    containers (:class:`~blockcrypt.storage.stores.Stores`: files under the home,
+    RBD pools).  ``attachments`` (:class:`~blockcrypt.services.attach.Attachments`)
     holds the attachment rules and reads ``conn`` from here, so the one
     connection ``serve`` replaces is seen by both.
     """
@@ -145,6 +145,8 @@ class DiskService:
     def read_header(self, disk: sqlite3.Row) -> Header:
         """The disk's container header, checked against its catalog row."""
         path = self.path_of(disk)
+        if isinstance(path, RbdLoc) and not self.store.exists(path):
+            self.recover_files()    # now that its store is open: a killed create's image
         if not self.store.exists(path):
             if catalog.get_disk_by_id(self.conn, disk["id"]) is None:
                 raise errors.DiskNotFound(name=disk["name"])    # deleted meanwhile
@@ -265,11 +267,18 @@ class DiskService:
         self.recover_files()
         disk = self.disk_row(name)
         self.cleanup_stale(disk["id"])
+        if isinstance(self.path_of(disk), RbdLoc):
+            self.store.recover(self.conn, "snapshots")   # a killed snapshot's staged snap
         with db.write_txn(self.conn):
             disk = self.disk_row(name)
             att = catalog.get_attachment(self.conn, disk["id"])
             if att is not None:
                 raise self.in_use_error(disk["name"], att)
+            from .rbd_snapshots import dependants
+            deps = dependants(self, disk)
+            if deps:
+                raise errors.StateError(detail=f"disk {name!r} has {', '.join(deps)}; "
+                                               "delete them first")
             doomed = self.store.doom(self.path_of(disk))
             catalog.delete_disk(self.conn, disk["id"])
             crashpoint("disk-delete.in-txn")

@@ -74,7 +74,7 @@ from ..storage import catalog, db
 from ..storage.file_store import allocated_bytes
 from ..storage.header import ID_BYTES, Header, Kind, key_context, new_header
 from ..testing.crashpoints import crashpoint
-from . import snapshot_copy, snapshot_progress
+from . import rbd_snapshots, snapshot_copy, snapshot_progress
 from .boundary import about, audited
 from .disks import DiskService, publishing
 from .snapshot_copy import SETTLE_TIMEOUT_S
@@ -145,7 +145,8 @@ class LifecycleService:
         re-wrapped for the new key context."""
         with about(_what(source), source["name"], self.home.path, self.path_of(source)):
             old = self.store.read_header(tmp)   # the copy: errors name the source
-        catalog.check_header_matches(old, source, self.path_of(source))
+        catalog.check_header_matches(old, rbd_snapshots.header_row(source),
+                                     self.path_of(source))
         new = old.replace(kind=kind, uid=uid,
                           size_bytes=old.size_bytes if size_bytes is None else size_bytes)
         if new.size_bytes < old.size_bytes:
@@ -192,10 +193,12 @@ class LifecycleService:
             raise errors.AlreadyExists(what="snapshot", name=snap_name)
         self.home.create_dirs()
 
-        uid = os.urandom(ID_BYTES)
-        rel_path = self.store.new_ref("snapshots", uid.hex())
         marker = snapshot_progress.SnapshotMarker(self.home.run_dir, disk["id"], disk["name"],
                                                   snap_name)
+        if rbd_snapshots.is_rbd(self.path_of(disk)):
+            return rbd_snapshots.create_snapshot(self, disk, snap_name, freeze, marker)
+        uid = os.urandom(ID_BYTES)
+        rel_path = self.store.new_ref("snapshots", uid.hex())
         with marker, publishing(self.store, self.store.locate(rel_path),
                                 after_commit="snapshot.after-commit") as tmp:
             method, quiesced, cow_bytes = snapshot_copy.copy_disk(
@@ -263,6 +266,10 @@ class LifecycleService:
         with db.write_txn(self.conn):
             row = get_snapshot(self.conn, name)
             path = self.path_of(row)
+            clones = rbd_snapshots.clone_users(self, row)
+            if clones:
+                raise errors.StateError(detail=f"snapshot {name!r} has clones: "
+                                        f"{', '.join(clones)}; delete them first")
             doomed = self.store.doom(path)
             self.conn.execute("DELETE FROM snapshots WHERE id = ?", (row["id"],))
         crashpoint("snapshot-delete.after-commit")
@@ -328,7 +335,7 @@ class LifecycleService:
         self.home.create_dirs()
 
         uid = os.urandom(ID_BYTES)
-        rel_path = self.store.new_ref("disks", uid.hex())
+        rel_path = self.store.for_ref(snap["path"]).new_ref("disks", uid.hex())
         with publishing(self.store, self.store.locate(rel_path),
                         after_commit="from-snapshot.after-commit") as tmp:
             method = self._copy_snapshot(snap, tmp)
@@ -389,6 +396,8 @@ class LifecycleService:
             raise errors.CmkChangeRefused(detail=f"snapshot {snap_name!r} is under key "
                                           f"{snap['cmk_id']}, disk {name!r} under "
                                           f"{disk['cmk_id']}")
+        if rbd_snapshots.is_rbd(self.path_of(disk)):
+            return rbd_snapshots.reset(self, disk, snap)
         return self._replace_from_snapshot(disk, snap, "reset")
 
     @audited("disk-reinit", "disk:name")

@@ -37,6 +37,7 @@ from .rbd_image import IMAGE_PREFIX, RbdDevice, holder_of, host_name, lock_owner
 from .store import ContainerLock, Store
 
 REF_PREFIX = "rbd:"
+EXPORT_CHUNK_BYTES = 4 * 1024 * 1024
 TMP_MARK = ".tmp-"
 DELETED_MARK = ".deleted-"
 # Image features: layering (clones), exclusive-lock (one server), object-map and
@@ -157,15 +158,17 @@ class RbdStore(Store[RbdLoc]):
     def locate(self, ref: str, *, owner: str = "a container") -> RbdLoc:
         parsed = parse_ref(ref)
         if (parsed is None or parsed[0] != self.cfg.name or not parsed[1].startswith(IMAGE_PREFIX)
-                or not all(c.isalnum() or c in "-_." for c in parsed[1])):
+                or not all(c.isalnum() or c in "-_." for c in parsed[1] + (parsed[2] or ""))):
             raise errors.CatalogTampered(what=owner, path=ref, where=f"the RBD store "
                                          f"{self.cfg.name!r}", home="(this host)")
         return RbdLoc(parsed[0], parsed[1], parsed[2], owner)
 
     def staging(self, final: RbdLoc) -> RbdLoc:
         pid = os.getpid()
-        return final.named(f"{final.image}{TMP_MARK}{host_name()}-{pid}-"
-                           f"{proc.process_start_time(pid)}")
+        mark = f"{TMP_MARK}{host_name()}-{pid}-{proc.process_start_time(pid)}"
+        if final.snap is not None:      # a snapshot is staged under a temporary snap name
+            return RbdLoc(final.store, final.image, final.snap + mark, final.owner)
+        return final.named(final.image + mark)
 
     # -- inspecting ------------------------------------------------------------------
     def exists(self, loc: RbdLoc) -> bool:
@@ -212,6 +215,10 @@ class RbdStore(Store[RbdLoc]):
 
     def grow(self, loc: RbdLoc, header: Header) -> Header:
         with self.image(loc) as img:
+            if lock_owners(img):     # only the lock owner may write the header (F-40)
+                raise errors.StateError(detail=f"{loc.owner} is served (on this or another "
+                                        "host); a disk on Ceph grows while detached: detach "
+                                        "it, resize, attach again")
             return container.grow_on(RbdDevice(img), str(loc), header.size_bytes,
                                      wrapped_dk=header.wrapped_dk if header.encrypted else None,
                                      cmk_version=header.cmk_version if header.encrypted
@@ -237,11 +244,67 @@ class RbdStore(Store[RbdLoc]):
         return stored
 
     def clone(self, src: RbdLoc | ContainerLock, dst: RbdLoc) -> str:
-        raise errors.InvalidInput(detail="copying a container within an RBD store is not "
-                                         "supported yet")
+        """An RBD clone of a snapshot (protected first, as RBD requires): thin, the
+        parent's objects shared until written."""
+        if isinstance(src, ContainerLock) or src.snap is None:
+            raise errors.InvalidInput(detail="an RBD image is copied through a snapshot: "
+                                             "snapshot the disk, then create a disk from it")
+        _, rbd = modules()
+        with self.image(src) as img:
+            if not img.is_protected_snap(src.snap):
+                img.protect_snap(src.snap)
+        with self._guard(src):
+            rbd.RBD().clone(self.ioctx, src.image, src.snap, self.ioctx, dst.image,
+                            features=features())
+        return "rbd-clone"
 
     def export(self, loc: RbdLoc, dest: Path, *, offset: int, length: int) -> str:
-        raise errors.InvalidInput(detail="exporting from an RBD store is not supported yet")
+        """Bytes of the image (or snapshot) to a new sparse file, complete or absent."""
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with self.image(loc, read_only=True) as img:
+                chunk = EXPORT_CHUNK_BYTES
+                for pos in range(0, length, chunk):
+                    data = img.read(offset + pos, min(chunk, length - pos))
+                    if data.count(0) != len(data):
+                        os.pwrite(fd, data, pos)
+            os.ftruncate(fd, length)
+            os.fsync(fd)
+            if os.path.lexists(dest):
+                raise errors.AlreadyExists(what="file", name=str(dest))
+            os.rename(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        return "sparse"
+
+    # -- snapshots (an RbdLoc with ``snap``) ------------------------------------------
+    def snapshot(self, staged: RbdLoc) -> None:
+        """Take the RBD snapshot ``staged.snap`` of the image (the lock owner, if
+        the disk is served, flushes its cache and takes it: no copy)."""
+        with self.image(staged.named(staged.image)) as img:
+            img.create_snap(staged.snap)
+
+    def snapshots_of(self, loc: RbdLoc) -> list[str]:
+        with self.image(loc.named(loc.image), read_only=True) as img:
+            return [s["name"] for s in img.list_snaps()]
+
+    def children_of(self, loc: RbdLoc) -> list[str]:
+        """Images cloned from the snapshot ``loc`` (they depend on it)."""
+        try:
+            with self.image(loc, read_only=True) as img:
+                return sorted(c["image"] for c in img.list_children2())
+        except errors.ImageMissing:
+            return []
+
+    def rollback(self, loc: RbdLoc) -> None:
+        """The image back to its snapshot ``loc.snap`` (nobody may serve it)."""
+        with self.image(loc.named(loc.image)) as img:
+            img.rollback_to_snap(loc.snap)
 
     # -- the publish protocol ----------------------------------------------------------
     def _rename(self, old: str, new: str) -> bool:
@@ -256,21 +319,60 @@ class RbdStore(Store[RbdLoc]):
             raise ceph_error(self.cfg, exc, image=old) from None
 
     def publish(self, staged: RbdLoc, final: RbdLoc) -> bool:
+        if final.snap is not None:
+            _, rbd = modules()
+            try:
+                with self.image(final.named(final.image)) as img:
+                    img.rename_snap(staged.snap, final.snap)
+                return True
+            except (errors.ImageMissing, rbd.ImageNotFound):
+                return False
         return self._rename(staged.image, final.image)
 
     def swap(self, staged: RbdLoc, final: RbdLoc) -> None:
-        raise errors.InvalidInput(detail="replacing an RBD disk's image is not supported yet")
+        """Replace ``final`` by ``staged`` (reinit): ``final`` is renamed to its doomed
+        name, ``staged`` into place, then the old image removed.  A crash in between
+        leaves the old or the new image once :meth:`recover` ran.  Refused while
+        ``final`` has snapshots (they belong to that image)."""
+        snaps = self._snaps_or_empty(final)
+        if snaps:
+            raise errors.StateError(detail=f"{final.owner} has RBD snapshots "
+                                    f"({', '.join(snaps)}); delete them first")
+        doomed = final.named(f"{final.image}{DELETED_MARK}{host_name()}")
+        if not self._rename(final.image, doomed.image):
+            raise errors.ImageMissing(image=final.image, owner=final.owner, store=final.store)
+        if not self._rename(staged.image, final.image):
+            self._rename(doomed.image, final.image)
+            raise errors.StateError(detail=f"the new image of {final.owner} disappeared; "
+                                    "nothing was changed")
+        self.remove(doomed)
 
     def discard(self, staged: RbdLoc) -> None:
         self.remove(staged)
 
     def _staged_of(self, final: RbdLoc) -> list[str]:
+        if final.snap is not None:
+            try:
+                return sorted(n for n in self.snapshots_of(final)
+                              if n.startswith(final.snap + TMP_MARK))
+            except errors.ImageMissing:
+                return []
         return sorted(n for n in self.images() if n.startswith(final.image + TMP_MARK))
 
     def pending(self, final: RbdLoc) -> bool:
         return bool(self._staged_of(final))
 
     def doom(self, final: RbdLoc) -> RbdLoc:
+        if final.snap is not None:      # a snapshot: removed after the commit, if no clone
+            children = self.children_of(final)
+            if children:
+                raise errors.StateError(detail=f"{final.owner} has clones: "
+                                        f"{', '.join(children)}; delete those disks first")
+            return final
+        names = self._snaps_or_empty(final)
+        if names:
+            raise errors.StateError(detail=f"{final.owner} has RBD snapshots: "
+                                    f"{', '.join(names)}; delete its snapshots first")
         doomed = final.named(f"{final.image}{DELETED_MARK}{host_name()}")
         for _ in range(100):
             if self._rename(final.image, doomed.image):
@@ -282,8 +384,25 @@ class RbdStore(Store[RbdLoc]):
                 return doomed
         raise errors.StateError(detail=f"{final} keeps changing; retry the delete")
 
+    def _snaps_or_empty(self, loc: RbdLoc) -> list[str]:
+        try:
+            return self.snapshots_of(loc)
+        except errors.ImageMissing:
+            return []
+
     def remove(self, doomed: RbdLoc) -> None:
         _, rbd = modules()
+        if doomed.snap is not None:
+            try:
+                with self.image(doomed.named(doomed.image)) as img:
+                    if doomed.snap not in [s["name"] for s in img.list_snaps()]:
+                        return
+                    if img.is_protected_snap(doomed.snap):
+                        img.unprotect_snap(doomed.snap)
+                    img.remove_snap(doomed.snap)
+            except errors.ImageMissing:
+                pass
+            return
         try:
             rbd.RBD().remove(self.ioctx, doomed.image)
         except rbd.ImageNotFound:
@@ -291,18 +410,48 @@ class RbdStore(Store[RbdLoc]):
         except rbd.Error as exc:
             raise ceph_error(self.cfg, exc, image=doomed.image, owner=doomed.owner) from None
 
+    def _recover_snapshots(self, conn: sqlite3.Connection) -> list[str]:
+        """Snapshots staged by this host's dead processes on the images of this store's
+        disks: published if their row committed, removed otherwise."""
+        host, actions = host_name(), []
+        prefix = f"{REF_PREFIX}{self.cfg.name}/"
+        for (ref,) in conn.execute("SELECT path FROM disks WHERE path LIKE ?",
+                                   (prefix + "%",)).fetchall():
+            disk = self.locate(ref)
+            staged = [n for n in self._snaps_or_empty(disk) if f"{TMP_MARK}{host}-" in n]
+            for name in staged:
+                try:
+                    pid, start = (int(x) for x in name.rsplit("-", 2)[1:])
+                except ValueError:
+                    continue
+                if proc.process_alive(pid, start):
+                    continue
+                final = RbdLoc(disk.store, disk.image, name.split(TMP_MARK, 1)[0])
+                with db.write_txn(conn):
+                    row = conn.execute("SELECT 1 FROM snapshots WHERE id = ? AND path = ?",
+                                       (final.snap, str(final))).fetchone()
+                    if row is not None:
+                        self.publish(RbdLoc(disk.store, disk.image, name), final)
+                        actions.append(f"completed creation of {final}")
+                    else:
+                        self.remove(RbdLoc(disk.store, disk.image, name))
+                        actions.append(f"removed unfinished {disk}@{name}")
+        return actions
+
     def recover(self, conn: sqlite3.Connection, table: str) -> list[str]:
         """This host's markers only (see the module doc); under the write lock."""
         assert table in ("disks", "snapshots")   # interpolated into SQL below
+        if table == "snapshots":
+            return self._recover_snapshots(conn)
         host = host_name()
         mine = [n for n in self.images() if n.startswith(IMAGE_PREFIX) and (
             f"{TMP_MARK}{host}-" in n or n.endswith(f"{DELETED_MARK}{host}"))]
         if not mine:
             return []
         actions = []
-        live = set(self.images())
         with db.write_txn(conn):
-            for name in mine:
+            for name in sorted(mine, key=lambda n: DELETED_MARK in n):   # staged first
+                live = set(self.images())
                 obj_id = name[len(IMAGE_PREFIX):].split(".", 1)[0]
                 final = f"{IMAGE_PREFIX}{obj_id}"
                 ref = f"{REF_PREFIX}{self.cfg.name}/{final}"
@@ -325,7 +474,10 @@ class RbdStore(Store[RbdLoc]):
                 elif has_row and final not in live:
                     self._rename(name, final)
                     actions.append(f"restored {ref} (delete did not commit)")
-                elif not has_row:
+                elif has_row:      # the old image of a reinit whose new one is in place
+                    self.remove(loc)
+                    actions.append(f"removed replaced {REF_PREFIX}{self.cfg.name}/{name}")
+                else:
                     self.remove(loc)
                     actions.append(f"removed deleted {REF_PREFIX}{self.cfg.name}/{name}")
         return actions

@@ -2,7 +2,8 @@
 
 A :class:`Store` keeps containers (docs/FORMAT.md) at *locations* it chooses:
 for :class:`~blockcrypt.storage.file_store.FileStore` a location is a path
-under the blockcrypt home; a Ceph RBD store would use image names.  The
+under the blockcrypt home; :class:`~blockcrypt.storage.rbd_store.RbdStore` uses
+image names of a Ceph RBD pool.  The
 services (``blockcrypt.services``) create, copy, lock, update and remove
 containers only through this interface and keep everything else (catalog rows,
 crash points, key wrapping, error messages about disks) to themselves, so a

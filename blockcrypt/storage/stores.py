@@ -193,8 +193,13 @@ class Stores(Store):
 
     def recover(self, conn: sqlite3.Connection, table: str) -> list[str]:
         """The files' recovery, then that of every RBD store this command uses
-        (:meth:`named` already called: a command on files never waits for a cluster)."""
+        (:meth:`named` already called: ``disk list`` never waits for a cluster); for
+        ``snapshots`` (snapshot commands), of every store holding a disk, whose image
+        may carry a killed ``snapshot create``'s staged snapshot."""
         actions = self.files.recover(conn, table)
+        if table == "snapshots":
+            for (ref,) in conn.execute("SELECT path FROM disks WHERE path LIKE 'rbd:%'"):
+                self.for_ref(ref)
         for name in sorted(self._rbd):
             actions += self._rbd[name].recover(conn, table)
         return actions

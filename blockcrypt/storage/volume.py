@@ -5,8 +5,8 @@ needs them.
 disk opened read-only or read-write under the server lock, its header, and
 byte I/O on the *data area* (offset 0 is the first byte of sector 0, wherever
 the store keeps it).  :class:`FileVolume` keeps a disk in a container file
-(docs/FORMAT.md); a Ceph RBD image is meant to be a second implementation that
-plugs into the backend unchanged.
+(docs/FORMAT.md); :class:`~blockcrypt.storage.rbd_volume.RbdVolume` keeps one in a
+Ceph RBD image and plugs into the backend unchanged.
 
 This module owns opening and locking a disk for serving, and the byte I/O on
 its data area.  It never sees keys or plaintext rules (encryption, the

@@ -41,7 +41,7 @@ MiB = 2**20
 # -- 1 and 3: mkfs, mount, files, detach, re-attach, verify, fsck ---------------------
 
 @pytest.mark.parametrize("encrypted,sector", [(True, "4096"), (False, "4096"), (True, "512")])
-def test_filesystem_roundtrip(env, encrypted, sector, store_name, store_args):
+def test_filesystem_roundtrip(env, encrypted, sector, store_name, store_args, request):
     require_tools("mkfs.ext4", "e2fsck", "blockdev")
     enc = [] if encrypted else ["--no-encrypted"]
     env.create("fs", "512M", "--sector-size", sector, *enc, *store_args(env.cli))
@@ -73,6 +73,13 @@ def test_filesystem_roundtrip(env, encrypted, sector, store_name, store_args):
     fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True)
     assert fsck.returncode == 0, fsck.stdout.decode() + fsck.stderr.decode()
     env.detach("fs")
+    where = env.json("disk", "show", "fs")["path"]
+    env.cli("disk", "delete", "fs")
+    assert env.json("disk", "list") == []
+    if store_name == "rbd":
+        assert where.split("/", 1)[1] not in request.getfixturevalue("ceph_cluster").images()
+    else:
+        assert not Path(where).exists()
 
 
 # -- 2 and 3: what the container file holds ---------------------------------------------
@@ -287,9 +294,9 @@ def test_concurrent_attaches_exactly_one_wins(env):
 
 # -- serve ---------------------------------------------------------------------------------------
 
-def test_serve_unix_nbdinfo_nbdcopy_and_stop(env):
+def test_serve_unix_nbdinfo_nbdcopy_and_stop(env, store_args):
     require_tools("nbdinfo", "nbdcopy")
-    env.create("srv", "64M")
+    env.create("srv", "64M", *store_args(env.cli))
     sock = env.tmp / "srv.sock"
     p, info = start_serve(env, "srv", "--unix", str(sock))
     try:

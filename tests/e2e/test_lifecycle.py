@@ -263,10 +263,13 @@ def _populate(root: Path) -> None:
     os.setxattr(root / "docs" / "readme.txt", "user.origin", b"demo")
 
 
-def test_disk_copy_both_directions(env):
+def test_disk_copy_both_directions(env, store_name, store_args, request):
+    """enc (a file) -> plain (in the store of the parameter) -> enc2 (a file): with the
+    rbd store, files go from a file disk to a disk on Ceph and back."""
     require_tools("rsync", "blkid")
     env.cli("disk", "create", "enc", "--size", "128M")
-    env.cli("disk", "create", "plain", "--size", "128M", "--no-encrypted")
+    env.cli("disk", "create", "plain", "--size", "128M", "--no-encrypted",
+            *store_args(env.cli))
     env.cli("disk", "create", "enc2", "--size", "128M")
     dev = env.attach("enc")
     subprocess.run(["mkfs.ext4", "-q", dev], check=True)
@@ -294,5 +297,8 @@ def test_disk_copy_both_directions(env):
         env.cli("disk", "detach", name)
     # The plain disk's file holds the plaintext; the encrypted ones do not.
     needle = b"blockcrypt disk copy test"
-    assert needle in env.path("disks", "plain").read_bytes()
+    plain = env.path("disks", "plain") if store_name == "file" else \
+        request.getfixturevalue("ceph_cluster").export(
+            env.json("disk", "show", "plain")["path"], env.tmp / "plain.bcd")
+    assert needle in plain.read_bytes()
     assert needle not in env.path("disks", "enc2").read_bytes()

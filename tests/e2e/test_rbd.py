@@ -141,6 +141,7 @@ def test_two_hosts_share_a_store_and_one_server_at_a_time(kmip_server, ceph_clus
         # One server at a time: A is refused, naming B (host, home).
         msg = A.refused(errors.DiskHeld, "disk", "attach", "vol")
         assert str(B.home) in msg and "--break-lock" in msg
+        A.refused(errors.DiskHeld, "disk", "serve", "vol", "--unix", str(tmp_path / "a.sock"))
         assert A.json("disk", "show", "vol")["state"] == "available"
 
         # B writes, then its server dies (kill -9): the lock is not broken silently.
@@ -165,3 +166,142 @@ def test_two_hosts_share_a_store_and_one_server_at_a_time(kmip_server, ceph_clus
     finally:
         for e in hosts.values():
             e.cleanup()
+
+
+def test_snapshots_clones_and_reset_on_rbd(env, ceph_cluster, tmp_path):
+    """Snapshots of an RBD disk are RBD snapshots (attached: I/O paused only while it is
+    taken), disks from them are clones with their own id and the same data key, reset
+    is a rollback; what depends on what is never deleted; the mission's refusals hold."""
+    keyring = ceph_cluster.add_client("blockcrypt", tmp_path / "k.keyring")
+    assert _add(env, ceph_cluster, keyring).returncode == 0
+    env.cli("key", "create", "--alias", "app")
+    env.cli("key", "create", "--alias", "other")
+    d = env.create("src", "64M", "--key", "app", "--store", "ceph")
+    first, second = os.urandom(MiB), os.urandom(MiB)
+    dev = env.attach("src")["device"]
+    dd_write(dev, first, 2 * MiB)
+    snap = env.json("snapshot", "create", "src", "s1")          # attached
+    assert snap["copy_method"] == "rbd-snapshot" and snap["quiesced"] is True
+    assert snap["path"] == f"rbd:ceph/bc-{d['id']}@{snap['id']}"
+    assert snap["id"] in [s for s in ceph_cluster.rbd(
+        "snap", "ls", f"{ceph_cluster.pool}/bc-{d['id']}").stdout.split()]
+    dd_write(dev, second, 2 * MiB)                              # after the instant
+    env.detach("src")
+
+    # refusals of the mission, nothing created
+    env.refused(errors.ConversionRefused, "disk", "create", "x", "--from-snapshot", "s1",
+                "--no-encrypted")
+    env.refused(errors.CmkChangeRefused, "disk", "create", "x", "--from-snapshot", "s1",
+                "--key", "other")
+    env.refused(errors.ExportRefused, "snapshot", "export", "s1", str(tmp_path / "s1.img"))
+    assert not (tmp_path / "s1.img").exists()
+
+    c = env.json("disk", "create", "clone", "--from-snapshot", "s1")
+    assert c["store"] == "ceph" and c["id"] not in (d["id"], snap["id"])
+    assert c["cmk_id"] == d["cmk_id"] and c["lineage_id"] == d["lineage_id"]
+    info = ceph_cluster.rbd("info", "--format", "json", f"{ceph_cluster.pool}/bc-{c['id']}")
+    assert f"bc-{d['id']}" in info.stdout and snap["id"] in info.stdout   # an RBD clone
+    exported = ceph_cluster.export(c["path"], tmp_path / "clone.bcd")
+    from blockcrypt.storage import container
+    h = container.read_header(exported)
+    assert h.uid_hex == c["id"] and h.kind == container.Kind.DISK and h.encrypted
+    dev = env.attach("clone")["device"]
+    assert dd_read(dev, MiB, 2 * MiB) == first                  # the instant's data
+    dd_write(dev, second, 10 * MiB)
+    env.detach("clone")
+
+    msg = env.refused(errors.StateError, "snapshot", "delete", "s1")
+    assert "disk clone" in msg
+    msg = env.refused(errors.StateError, "disk", "delete", "src")
+    assert "snapshot s1" in msg
+
+    env.cli("disk", "reset", "src", "--snapshot", "s1")         # rollback
+    dev = env.attach("src")["device"]
+    assert dd_read(dev, MiB, 2 * MiB) == first
+    assert dd_read(dev, MiB, 10 * MiB) == bytes(MiB)            # the clone's write stays there
+    env.refused(errors.DiskAttached, "disk", "reset", "src", "--snapshot", "s1")
+    env.detach("src")
+
+    # reinit: the clone back to the snapshot's data (a new clone swapped in), the
+    # source refused while its image has snapshots, then blank once they are gone
+    env.cli("disk", "reinit", "clone")
+    dev = env.attach("clone")["device"]
+    assert dd_read(dev, MiB, 10 * MiB) == bytes(MiB) and dd_read(dev, MiB, 2 * MiB) == first
+    env.detach("clone")
+    assert "snapshots" in env.refused(errors.StateError, "disk", "reinit", "src")
+    env.cli("disk", "delete", "clone")
+    env.cli("snapshot", "delete", "s1")
+    env.cli("disk", "reinit", "src")
+    dev = env.attach("src")["device"]
+    assert dd_read(dev, MiB, 2 * MiB) == bytes(MiB)
+    env.detach("src")
+    assert not [i for i in ceph_cluster.images() if ".tmp-" in i or ".deleted-" in i]
+    env.cli("disk", "delete", "src")
+    assert not [i for i in ceph_cluster.images() if d["id"] in i or c["id"] in i]
+
+    # a plain disk's snapshot exports as a raw image
+    env.create("plain", "16M", "--no-encrypted", "--store", "ceph")
+    dev = env.attach("plain")["device"]
+    dd_write(dev, first, MiB)
+    env.detach("plain")
+    env.cli("snapshot", "create", "plain", "p1")
+    out = tmp_path / "p1.img"
+    env.cli("snapshot", "export", "p1", str(out))
+    assert out.stat().st_size == 16 * MiB and out.read_bytes()[MiB:2 * MiB] == first
+
+
+CREATE_STEPS = ["disk-create.after-file", "disk-create.in-txn", "disk-create.after-row"]
+DELETE_STEPS = ["disk-delete.in-txn", "disk-delete.after-row"]
+SNAPSHOT_STEPS = ["snapshot.before-commit", "snapshot.after-commit"]
+
+
+def test_killed_creates_and_deletes_leave_nothing_behind(env, ceph_cluster, tmp_path):
+    """kill -9 (crash point) of `disk create --store`, `disk delete` and `snapshot create`
+    of an RBD disk at each step: the next command on the store finishes or undoes it:
+    an image exists exactly when its row does, and no staged image or snapshot stays."""
+    from blockcrypt.testing.crashpoints import ENV_CRASH_AT
+    keyring = ceph_cluster.add_client("blockcrypt", tmp_path / "k.keyring")
+    assert _add(env, ceph_cluster, keyring).returncode == 0
+
+    def crash(step: str, *argv: str) -> None:
+        cp = env.cli(*argv, check=False, env={ENV_CRASH_AT: step})
+        assert cp.returncode == -signal.SIGKILL, (step, cp.returncode, cp.stderr.decode())
+
+    def ours() -> list[str]:
+        ids = {d["id"] for d in env.json("disk", "list")}
+        return [i for i in ceph_cluster.images() if any(x in i for x in ids) or ".tmp-" in i
+                or ".deleted-" in i]
+
+    for i, step in enumerate(CREATE_STEPS):
+        crash(step, "disk", "create", f"c{i}", "--size", "16M", "--store", "ceph")
+        env.create(f"n{i}", "16M", "--store", "ceph")   # uses the store: recovers it
+        rows = {d["name"]: d for d in env.json("disk", "list")}
+        committed = step == "disk-create.after-row"   # in-txn: never committed
+        assert (f"c{i}" in rows) == committed, step
+        images = ceph_cluster.images()
+        assert not [n for n in images if ".tmp-" in n], (step, images)
+        for d in rows.values():
+            assert f"bc-{d['id']}" in images, (step, d["name"])
+        if committed:
+            env.attach(f"c{i}")                          # a real, usable disk
+            env.detach(f"c{i}")
+    for step in DELETE_STEPS:
+        victim = next(d for d in env.json("disk", "list") if d["name"].startswith("n"))
+        crash(step, "disk", "delete", victim["name"])
+        env.create(f"after-{step}", "16M", "--store", "ceph")
+        names = [d["name"] for d in env.json("disk", "list")]
+        images = ceph_cluster.images()
+        committed = step == "disk-delete.after-row"
+        assert (victim["name"] in names) != committed, step
+        assert (f"bc-{victim['id']}" in images) != committed, step
+        assert not [n for n in images if ".deleted-" in n], (step, images)
+    disk = env.json("disk", "list")[0]
+    for step in SNAPSHOT_STEPS:
+        crash(step, "snapshot", "create", disk["name"], f"s-{step}")
+        env.json("snapshot", "list")       # snapshot commands recover the staged snap
+        env.create(f"x-{step}", "16M", "--store", "ceph")
+        env.json("snapshot", "list")
+        snaps = ceph_cluster.rbd("snap", "ls", f"{ceph_cluster.pool}/bc-{disk['id']}").stdout
+        assert ".tmp-" not in snaps, (step, snaps)
+        rows = [s["name"] for s in env.json("snapshot", "list")]
+        assert (f"s-{step}" in rows) == (step == "snapshot.after-commit"), step

@@ -45,6 +45,18 @@ def test_nbdkit_argv_cow_control():
     assert not any(a.startswith("cowctl=") for a in _nbdkit())
 
 
+def test_nbdkit_argv_rbd_volume_params_replace_file():
+    """A disk on Ceph: the rbd-* parameters (paths and names, never a key) instead of
+    file=, before the key descriptor and the common parameters."""
+    rbd = ["rbd-store=ceph", "rbd-conf=/etc/ceph/ceph.conf", "rbd-pool=rbd",
+           "rbd-client=blockcrypt", "rbd-image=bc-01", "disk=d1", "home=/home/bc",
+           "rbd-keyring=/etc/ceph/k.keyring"]
+    argv = _nbdkit(volume_params=rbd)
+    params = argv[argv.index("python") + 2:]
+    assert params[:len(rbd)] == rbd and params[len(rbd)] == "keyfd=7"
+    assert not any(a.startswith("file=") for a in argv)
+
+
 def test_nbdkit_argv_threads():
     argv = _nbdkit()
     assert argv[argv.index("--threads") + 1] == str(commands.NBDKIT_THREADS) == "4"
