@@ -195,13 +195,22 @@ class Stores(Store):
         """The files' recovery, then that of every RBD store this command uses
         (:meth:`named` already called: ``disk list`` never waits for a cluster); for
         ``snapshots`` (snapshot commands), of every store holding a disk, whose image
-        may carry a killed ``snapshot create``'s staged snapshot."""
+        may carry a killed ``snapshot create``'s staged snapshot (best effort for those:
+        a cluster that cannot be reached fails only the commands that use it)."""
         actions = self.files.recover(conn, table)
+        used = set(self._rbd)
         if table == "snapshots":
             for (ref,) in conn.execute("SELECT path FROM disks WHERE path LIKE 'rbd:%'"):
-                self.for_ref(ref)
+                try:
+                    self.for_ref(ref)
+                except errors.BlockcryptError:
+                    pass            # the disk's own commands say what is wrong
         for name in sorted(self._rbd):
-            actions += self._rbd[name].recover(conn, table)
+            try:
+                actions += self._rbd[name].recover(conn, table)
+            except errors.StorageError:
+                if name in used:
+                    raise
         return actions
 
     def locked(self, loc, *, exclusive: bool, timeout_s: float = 0.0):

@@ -132,8 +132,17 @@ def _logged(log: Path) -> list[str]:
     return [line for line in log.read_text().split("\n") if line] if log.exists() else []
 
 
-def test_snapshot_while_mounted_under_concurrent_writer(env, tmp_path):
-    env.cli("disk", "create", "src", "--size", "256M")
+def _container(env, name: str, store_name: str, request) -> Path:
+    """The container of disk ``name``: its file, or an `rbd export` of its image."""
+    if store_name == "file":
+        return env.path("disks", name)
+    return request.getfixturevalue("ceph_cluster").export(
+        env.json("disk", "show", name)["path"], env.tmp / f"{name}.bcd")
+
+
+def test_snapshot_while_mounted_under_concurrent_writer(env, tmp_path, store_args, store_name,
+                                                        request):
+    env.cli("disk", "create", "src", "--size", "256M", *store_args(env.cli))
     dev = env.attach("src")
     subprocess.run(["mkfs.ext4", "-q", dev], check=True)
     mnt = env.mount(dev, "src")
@@ -158,7 +167,8 @@ def test_snapshot_while_mounted_under_concurrent_writer(env, tmp_path):
     env.cli("disk", "detach", "src")
 
     env.cli("disk", "create", "restored", "--from-snapshot", "live")
-    assert env.dk(env.path("disks", "restored")) == env.dk(env.path("disks", "src"))
+    assert env.dk(_container(env, "restored", store_name, request)) == \
+        env.dk(_container(env, "src", store_name, request))
     dev2 = env.attach("restored")
     mnt2 = env.mount(dev2, "restored")          # replays the journal, as after a power cut
     present = set(os.listdir(mnt2))
@@ -212,9 +222,10 @@ def test_killed_snapshot_never_leaves_io_paused(env):
     assert sorted(os.listdir(env.home / "snapshots")) == [env.path("snapshots", "s-next").name]
 
 
-def test_refusals_while_attached_and_read_only_snapshot(env):
-    env.cli("disk", "create", "a", "--size", "32M", "--no-encrypted")
-    env.cli("disk", "create", "b", "--size", "32M", "--no-encrypted")
+def test_refusals_while_attached_and_read_only_snapshot(env, store_args):
+    where = store_args(env.cli)
+    env.cli("disk", "create", "a", "--size", "32M", "--no-encrypted", *where)
+    env.cli("disk", "create", "b", "--size", "32M", "--no-encrypted", *where)
     env.cli("snapshot", "create", "a", "sa")
     env.attach("a", read_only=True)
     s = env.json("snapshot", "create", "a", "ro-snap")     # read-only: no pause needed

@@ -12,7 +12,11 @@
   audited and takes the disk over with B's last writes.
 
 The filesystem lifecycle (create, attach, mkfs, mount, write, detach, re-attach,
-verify) runs over both stores in tests/e2e/test_attach.py (``store_name``).
+verify, delete) runs over both stores in tests/e2e/test_attach.py (``store_name``),
+which also checks F-42 (the data area of an exported image: ciphertext or plaintext
+where FORMAT.md says).  Rules of docs/FORMAT.md §10 cited here: F-38 (image names),
+F-39 (staged creation, host markers), F-40 (header updates), F-41 (one server, the
+lock never broken silently), F-43 (snapshots, clones, rollback, reinit).
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ def _refused(e: Env, error: type[errors.BlockcryptError], cp) -> str:
 
 
 def test_store_add_checks_before_recording(env, ceph_cluster, tmp_path):
+    """... and F-38: a disk's image is bc-<its id>, recorded as rbd:STORE/bc-<id>."""
     good = ceph_cluster.add_client("blockcrypt", tmp_path / "good.keyring")
     wrong = tmp_path / "wrong.keyring"
     wrong.write_text(good.read_text().split("key = ")[0] +
@@ -108,6 +113,7 @@ def test_image_removed_behind_blockcrypts_back(env, ceph_cluster, tmp_path):
 
 def test_two_hosts_share_a_store_and_one_server_at_a_time(kmip_server, ceph_cluster,
                                                            tmp_path, passphrase_file):
+    """F-41 (and F-38: an import whose image name is not its header's id is refused)."""
     require_block_devices()
     srv = kmip_server
     hosts: dict[str, Env] = {}
@@ -169,7 +175,7 @@ def test_two_hosts_share_a_store_and_one_server_at_a_time(kmip_server, ceph_clus
 
 
 def test_snapshots_clones_and_reset_on_rbd(env, ceph_cluster, tmp_path):
-    """Snapshots of an RBD disk are RBD snapshots (attached: I/O paused only while it is
+    """F-43. Snapshots of an RBD disk are RBD snapshots (attached: I/O paused only while it is
     taken), disks from them are clones with their own id and the same data key, reset
     is a rollback; what depends on what is never deleted; the mission's refusals hold."""
     keyring = ceph_cluster.add_client("blockcrypt", tmp_path / "k.keyring")
@@ -256,7 +262,7 @@ SNAPSHOT_STEPS = ["snapshot.before-commit", "snapshot.after-commit"]
 
 
 def test_killed_creates_and_deletes_leave_nothing_behind(env, ceph_cluster, tmp_path):
-    """kill -9 (crash point) of `disk create --store`, `disk delete` and `snapshot create`
+    """F-39: kill -9 (crash point) of `disk create --store`, `disk delete` and `snapshot create`
     of an RBD disk at each step: the next command on the store finishes or undoes it:
     an image exists exactly when its row does, and no staged image or snapshot stays."""
     from blockcrypt.testing.crashpoints import ENV_CRASH_AT
@@ -305,3 +311,44 @@ def test_killed_creates_and_deletes_leave_nothing_behind(env, ceph_cluster, tmp_
         assert ".tmp-" not in snaps, (step, snaps)
         rows = [s["name"] for s in env.json("snapshot", "list")]
         assert (f"s-{step}" in rows) == (step == "snapshot.after-commit"), step
+
+
+def test_f40_header_update_on_an_image_is_crash_safe_at_every_step(ceph_cluster, tmp_path,
+                                                                   monkeypatch):
+    """F-40 (F-25/F-26 on RBD): a header update stopped before or after any write or
+    flush of either copy leaves the old or the new header, and the next read repairs
+    the other copy (both copies equal, read from the image's bytes)."""
+    from blockcrypt.storage import container
+    from blockcrypt.storage.ceph import StoreConfig
+    from blockcrypt.storage.header import Kind, new_header
+    from blockcrypt.storage.rbd_store import RbdStore
+    keyring = ceph_cluster.add_client("blockcrypt", tmp_path / "k.keyring")
+    store = RbdStore(StoreConfig("ceph", str(ceph_cluster.conf), ceph_cluster.pool,
+                                 "blockcrypt", str(keyring)))
+    h = new_header(Kind.DISK, 16 * MiB, 4096, encrypted=False)
+    loc = store.locate(store.new_ref("disks", h.uid_hex))
+    store.create(loc, h)
+    try:
+        for step in ("write:B", "fsync:B", "write:A", "fsync:A", None):
+            old = store.read_header(loc)
+
+            def hook(name: str, step=step) -> None:
+                if name == step:
+                    raise RuntimeError(f"crash at {name}")
+            monkeypatch.setattr(container, "_fault_hook", hook)
+            try:
+                store.write_header(loc, old)
+            except RuntimeError:
+                pass
+            monkeypatch.setattr(container, "_fault_hook", None)
+            now = store.read_header(loc)                      # repairs (F-24)
+            assert now.seq in (old.seq, old.seq + 1), step
+            assert now.replace(seq=old.seq) == old
+            with store.image(loc, read_only=True) as img:
+                a, b = (img.read(off, container.COPY_SIZE) for off in container.COPY_OFFSETS)
+            assert a == b, step
+            if step is None:
+                assert now.seq == old.seq + 1
+    finally:
+        store.remove(loc)
+        store.close()
