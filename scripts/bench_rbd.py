@@ -31,17 +31,14 @@ the plain server's image must hold it (that proves the search looks where the
 data is).
 
 librbd's writeback cache (../shared/CEPH.md, pitfall 9) would make small writes
-measure the cache: by default every image gets the per-image setting
-``conf_rbd_cache=false`` before it is opened, and qemu-nbd runs with ``--cache=none``
-(qemu then also sets rbd_cache=false); ``--rbd-cache on`` sets it to true on every
-image instead (qemu-nbd ``--cache=writeback``).  Both sides always run with the same
-setting; the output says which.
+measure the cache: every image gets ``conf_rbd_cache=false`` (per image) before it
+is opened and qemu-nbd runs with ``--cache=none``; ``--rbd-cache on`` turns it on
+for both sides instead.  The output says which.
 
-Then the snapshot row (needs root): a blockcrypt encrypted RBD disk is attached,
-gets ext4 and ``--snapshot-data`` bytes of data, and an fsync writer (4 KiB pwrite
-+ fsync, back to back: scripts/bench_snapshot.py's) runs while `blockcrypt snapshot
-create` takes an RBD snapshot: wall time (a new CLI process, Python start
-included) and the writer's longest stall.
+The snapshot row (root): an attached encrypted RBD disk with ext4 and
+``--snapshot-data`` bytes on it; scripts/bench_snapshot.py's fsync writer runs
+while `blockcrypt snapshot create` takes an RBD snapshot: wall time (a new CLI
+process) and the writer's longest stall.  Method and results: docs/BENCHMARKS.md.
 
 Targets (issue 17), PASS/MISS: blockcrypt-rbd-xts-4096 >= 1.0x qemu-nbd-rbd-luks on
 each throughput workload; snapshot wall time <= 1 s; max write stall <= 50 ms.
@@ -132,9 +129,7 @@ class RbdServerFactory(ServerFactory):
         }
 
     def set_cache(self, image: str) -> None:
-        """The per-image librbd cache setting (applies when the image is next opened)."""
-        self.cluster.rbd("image-meta", "set", f"{self.cluster.pool}/{image}", "conf_rbd_cache",
-                         "true" if self.rbd_cache else "false")
+        set_cache(self.cluster, image, self.rbd_cache)
 
     def _bc_rbd(self, run_dir: Path, sock: Path, log: Path, encrypted: bool):
         before = set(self.cluster.images())
@@ -189,6 +184,12 @@ class RbdServerFactory(ServerFactory):
             remove_image(self.cluster, image)
 
 
+def set_cache(cluster: Cluster, image: str, on: bool) -> None:
+    """The per-image librbd cache setting (applies when the image is next opened)."""
+    cluster.rbd("image-meta", "set", f"{cluster.pool}/{image}", "conf_rbd_cache",
+                "true" if on else "false")
+
+
 def remove_image(cluster: Cluster, image: str) -> None:
     """`rbd rm`, retried while the stopped server's watch on the image expires."""
     deadline = time.monotonic() + IMAGE_RM_TIMEOUT_S
@@ -219,8 +220,7 @@ def snapshot_row(cluster: Cluster, workdir: Path, data_bytes: int, baseline_s: f
         cli(home, pf, "disk", "create", "vol", "--size", str(data_bytes + 256 * MiB),
             "--store", STORE)
         for image in set(cluster.images()) - before:
-            cluster.rbd("image-meta", "set", f"{cluster.pool}/{image}", "conf_rbd_cache",
-                        "true" if rbd_cache else "false")
+            set_cache(cluster, image, rbd_cache)
         dev = json.loads(cli(home, pf, "disk", "attach", "vol", "--json"))["device"]
         attached = True
         run_tool(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev],
