@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PYTEST  := $(PY) -m pytest
 LINK    := $(or $(BLOCKCRYPT_LINK),/usr/local/bin/blockcrypt)
 
-.PHONY: install test test-quick test-sanitize demo bench bench-snapshot fuzz stress guest clean
+.PHONY: install test test-quick test-sanitize demo bench bench-rbd bench-snapshot fuzz stress guest clean
 
 # Debian packages, .venv, and (as root) the link /usr/local/bin/blockcrypt -> .venv/bin/blockcrypt.
 install:
@@ -27,6 +27,12 @@ demo: install
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 	$(PY) scripts/bench_attach.py
+	$(PY) scripts/bench_rbd.py $(BENCH_RBD_ARGS)
+
+# The RBD rows alone (issue 17): a throwaway Ceph cluster, blockcrypt on RBD vs qemu-nbd's
+# rbd driver with LUKS, and an RBD snapshot under an fsync writer; needs root.
+bench-rbd: install
+	$(PY) scripts/bench_rbd.py $(BENCH_RBD_ARGS)
 
 # Write stalls during snapshot create (issue 14); needs root. BENCH_SNAPSHOT_ARGS=--sizes 1G
 bench-snapshot: install

@@ -271,15 +271,7 @@ class ServerFactory:
         run_dir.mkdir(mode=0o700)
         sock = run_dir / "nbd.sock"
         log = run_dir / "server.log"
-        starter = {
-            "blockcrypt-xts-4096": lambda: self._blockcrypt(run_dir, sock, log, True, 4096),
-            "blockcrypt-xts-512": lambda: self._blockcrypt(run_dir, sock, log, True, 512),
-            "blockcrypt-plain": lambda: self._blockcrypt(run_dir, sock, log, False, 4096),
-            "nbdkit-file": lambda: self._nbdkit_file(run_dir, sock, log, luks=False),
-            "nbdkit-luks": lambda: self._nbdkit_file(run_dir, sock, log, luks=True),
-            "qemu-nbd-luks": lambda: self._qemu_nbd(run_dir, sock, log),
-        }[name]
-        proc, uris = starter()
+        proc, uris = self.starters(run_dir, sock, log)[name]()
         uri = wait_until_serving(proc, sock, uris, log, self.size_bytes)
         rss_pid = proc.pid
         if name.startswith("blockcrypt") and process_name(proc.pid) != "nbdkit":
@@ -288,6 +280,18 @@ class ServerFactory:
                 raise BenchError(f"no nbdkit process under `blockcrypt disk serve` ({proc.pid})")
             rss_pid = nbdkit[0]
         return Running(name, uri, proc, rss_pid, log)
+
+    def starters(self, run_dir: Path, sock: Path, log: Path) -> dict:
+        """Server name -> a function that creates its image, starts it and returns
+        (process, URIs to try); scripts/bench_rbd.py adds the RBD servers."""
+        return {
+            "blockcrypt-xts-4096": lambda: self._blockcrypt(run_dir, sock, log, True, 4096),
+            "blockcrypt-xts-512": lambda: self._blockcrypt(run_dir, sock, log, True, 512),
+            "blockcrypt-plain": lambda: self._blockcrypt(run_dir, sock, log, False, 4096),
+            "nbdkit-file": lambda: self._nbdkit_file(run_dir, sock, log, luks=False),
+            "nbdkit-luks": lambda: self._nbdkit_file(run_dir, sock, log, luks=True),
+            "qemu-nbd-luks": lambda: self._qemu_nbd(run_dir, sock, log),
+        }
 
     def cleanup_run(self, running: Running) -> None:
         """Stop the server and delete its image (keeps the work dir at ~2x the size)."""
@@ -309,18 +313,29 @@ class ServerFactory:
     # blockcrypt ------------------------------------------------------------------
 
     def _blockcrypt(self, run_dir: Path, sock: Path, log: Path, encrypted: bool,
-                    sector_size: int):
-        """`blockcrypt init`, `disk create`, `disk serve NAME --unix SOCK` in a fresh home."""
+                    sector_size: int, *, setup: tuple[tuple[str, ...], ...] = (),
+                    create_args: tuple[str, ...] = (), serve_args: tuple[str, ...] = (),
+                    after_create=None):
+        """`blockcrypt init`, `disk create`, `disk serve NAME --unix SOCK` in a fresh home.
+
+        ``setup``: CLI commands run after init (e.g. `store add`); ``create_args`` and
+        ``serve_args``: extra `disk create` / `disk serve` options (e.g. `--store`,
+        `--threads`); ``after_create()`` runs before serving."""
         home = run_dir / "home"
         name = "bench"
         env = cli_env()
         run_tool(cli_argv(home, self.passphrase_file, "init"), env=env, what="blockcrypt init")
+        for args in setup:
+            run_tool(cli_argv(home, self.passphrase_file, *args), env=env,
+                     what=f"blockcrypt {' '.join(args[:2])}")
         run_tool(cli_argv(home, self.passphrase_file, "disk", "create", name,
                           "--size", str(self.size_bytes), "--sector-size", str(sector_size),
-                          "--encrypted" if encrypted else "--no-encrypted"),
+                          "--encrypted" if encrypted else "--no-encrypted", *create_args),
                  env=env, what="blockcrypt disk create")
+        if after_create is not None:
+            after_create()
         proc = self.procs.spawn(cli_argv(home, self.passphrase_file, "disk", "serve", name,
-                                         "--unix", str(sock)), log=log, env=env)
+                                         "--unix", str(sock), *serve_args), log=log, env=env)
         return proc, [self._uri(sock), self._uri(sock, name)]
 
     # peers -----------------------------------------------------------------------
@@ -417,9 +432,11 @@ def spot_check(uri: str, source: Path, size_bytes: int) -> None:
 
 
 def run_workloads(srv: Running, source: Path, size_bytes: int, fio_runtime_s: float,
-                  scratch: Path) -> tuple[dict[str, float], dict[str, float]]:
+                  scratch: Path, after_read_back=None
+                  ) -> tuple[dict[str, float], dict[str, float]]:
     """The figures of one server run, and the server's VmHWM (MiB) after each step
-    (which workload made the memory grow)."""
+    (which workload made the memory grow).  ``after_read_back()``, if given, runs
+    untimed once the whole source is written and checked, before the random writes."""
     r: dict[str, float] = {}
     trace = {"idle": vm_hwm_mib(srv.rss_pid)}
     dt = timed(["nbdcopy", str(source), srv.uri], f"nbdcopy write to {srv.name}")
@@ -429,6 +446,8 @@ def run_workloads(srv: Running, source: Path, size_bytes: int, fio_runtime_s: fl
     r["seq_read_MBps"] = size_bytes / dt / 1e6
     trace["seq_read"] = vm_hwm_mib(srv.rss_pid)
     spot_check(srv.uri, source, size_bytes)
+    if after_read_back is not None:
+        after_read_back()
     r["randread_4k_iops"] = fio_iops(srv.uri, "randread", size_bytes, fio_runtime_s,
                                      scratch / "fio-randread.json")
     trace["randread"] = vm_hwm_mib(srv.rss_pid)

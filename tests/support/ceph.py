@@ -92,3 +92,92 @@ def start_cluster(base: Path) -> Cluster:
     if p.returncode != 0:
         raise RuntimeError(f"ceph-test-cluster.sh up failed ({p.returncode}):\n{p.stderr}")
     return Cluster(dir=d, conf=d / "ceph.conf")
+
+
+# -- OSD faults (tests/e2e/test_rbd_faults.py) ------------------------------------------
+# Module functions rather than Cluster methods, so that they merge cleanly with the
+# RBD store's own additions to this file (hence the imports here).
+import signal  # noqa: E402
+
+from support.wait import wait_for  # noqa: E402
+
+OSD_ID = 0
+OSD_RESTART_TIMEOUT_S = 120.0
+
+
+def osd_pid(cluster: Cluster) -> int | None:
+    """The live ``ceph-osd`` of ``cluster`` (by its pid file), or None if it is gone."""
+    f = cluster.dir / "run" / f"osd.{OSD_ID}.pid"
+    try:
+        pid = int(f.read_text().strip())
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "ceph-osd":
+            return None
+    except (OSError, ValueError):
+        return None
+    # The daemon is reparented to PID 1 once it forks, so it lingers as a zombie; and
+    # a dying multi-threaded process shows its leader as a zombie while other threads
+    # still hold its files (bluestore's lock): gone = every thread a zombie.
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return pid
+        except (OSError, IndexError):
+            continue
+    return None
+
+
+def osd_up_from(cluster: Cluster) -> int:
+    """The osdmap epoch since which the OSD has been up (it grows with every (re)start)."""
+    dump = json.loads(cluster.ceph("osd", "dump", "--format", "json").stdout)
+    return next(o["up_from"] for o in dump["osds"] if o["osd"] == OSD_ID)
+
+
+def kill_osd(cluster: Cluster, sig: int = signal.SIGKILL) -> int:
+    """Send ``sig`` to the OSD; with SIGKILL, wait until it is gone.  Returns its pid."""
+    pid = osd_pid(cluster)
+    if pid is None:
+        raise RuntimeError(f"no running ceph-osd in {cluster.dir}")
+    os.kill(pid, sig)
+    if sig == signal.SIGKILL:
+        wait_for(lambda: osd_pid(cluster) is None, 30, "the killed ceph-osd to exit")
+    return pid
+
+
+def cluster_active(cluster: Cluster) -> bool:
+    """One OSD up and every PG active (ready for client I/O)."""
+    p = cluster.ceph("status", "--format", "json", check=False)
+    if p.returncode != 0:
+        return False
+    st = json.loads(p.stdout)
+    pg, osd = st.get("pgmap", {}), st.get("osdmap", {})
+    active = sum(s["count"] for s in pg.get("pgs_by_state", [])
+                 if s["state_name"].split("+")[0] == "active")
+    return (osd.get("num_up_osds") == 1 and pg.get("num_pgs", 0) > 0
+            and active == pg["num_pgs"])
+
+
+def restart_osd(cluster: Cluster, *, up_from_before: int | None = None,
+                timeout_s: float = OSD_RESTART_TIMEOUT_S) -> None:
+    """Start the OSD again as scripts/ceph-test-cluster.sh does (it forks; its pid goes
+    to the pid file), after SIGKILLing a stopped or hung one; then wait until the mon
+    has it up again (a newer ``up_from`` than ``up_from_before``) and every PG is
+    active.  The mon of a one-OSD cluster has no peer to report a killed OSD down:
+    only the restarted OSD's boot replaces it in the osdmap."""
+    pid = osd_pid(cluster)
+    if pid is not None:
+        os.kill(pid, signal.SIGCONT)      # a SIGSTOPped OSD cannot die until continued
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: osd_pid(cluster) is None, 30, "the old ceph-osd to exit")
+    log = cluster.dir / "log" / f"osd.{OSD_ID}.log"
+    p = subprocess.run(["ceph-osd", "-c", str(cluster.conf), "-i", str(OSD_ID)],
+                       env=cluster.env(), stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=timeout_s)
+    if p.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise RuntimeError(f"ceph-osd restart failed ({p.returncode}): {p.stderr}\n{tail}")
+    wait_for(lambda: osd_pid(cluster) is not None, 30, "the restarted ceph-osd")
+    if up_from_before is not None:
+        wait_for(lambda: osd_up_from(cluster) > up_from_before, timeout_s,
+                 "the mon to mark the restarted OSD up", interval_s=0.2)
+    wait_for(lambda: cluster_active(cluster), timeout_s, "every PG active after the restart",
+             interval_s=0.2)
