@@ -209,7 +209,7 @@ def snapshot_row(cluster: Cluster, workdir: Path, data_bytes: int, baseline_s: f
     """Attach an encrypted RBD disk, fill it with ``data_bytes`` on ext4, and time
     `snapshot create` while an fsync writer runs on it."""
     from bench_attach import cli
-    from bench_snapshot import Writer, stats
+    from bench_snapshot import Writer, writes_around
     home, pf, mnt = workdir / "snap-home", workdir / "passphrase", workdir / "snap-mnt"
     attached = mounted = False
     try:
@@ -234,21 +234,11 @@ def snapshot_row(cluster: Cluster, workdir: Path, data_bytes: int, baseline_s: f
                   "status=none"], what="dd (fill)")
         fill_s = time.perf_counter() - t_fill
         w = Writer(mnt / "fsync-writer")
-        w.start()
-        time.sleep(baseline_s)                 # a benchmark's measuring window
-        t0 = time.perf_counter()
-        snap_out = cli(home, pf, "snapshot", "create", "vol", "s", "--json")
-        t1 = time.perf_counter()
-        w.stop.set()
-        w.join()
-        os.close(w.fd)
-        base = [lat for t, lat in w.samples if t < t0]
-        during = [lat for t, lat in w.samples if t0 <= t <= t1]
-        bp99, bmax = stats(base)
-        sp99, smax = stats(during)
+        snap_out, wall_s, (bp99, bmax), (sp99, smax), n_during = writes_around(
+            w, baseline_s, lambda: cli(home, pf, "snapshot", "create", "vol", "s", "--json"))
         return {"data_bytes": data_bytes, "fill_MBps": data_bytes / fill_s / 1e6,
                 "base_p99_ms": bp99, "base_max_ms": bmax, "snap_p99_ms": sp99,
-                "snap_max_ms": smax, "writes_during": len(during), "wall_s": t1 - t0,
+                "snap_max_ms": smax, "writes_during": n_during, "wall_s": wall_s,
                 "snapshot": json.loads(snap_out)}
     finally:
         if mounted:

@@ -69,6 +69,23 @@ def stats(samples: list[float]) -> tuple[float, float]:
     return s[min(len(s) - 1, int(0.99 * len(s)))] * 1000, s[-1] * 1000
 
 
+
+def writes_around(w: Writer, baseline_s: float, action):
+    """Run ``action`` after ``baseline_s`` of the writer ``w`` (started here, stopped
+    and closed after): ``(action's result, its wall time in s, (p99, max) ms of the
+    writes before it, (p99, max) ms of the writes during it, how many ran during it)``."""
+    w.start()
+    time.sleep(baseline_s)                 # a benchmark's measuring window
+    t0 = time.perf_counter()
+    out = action()
+    t1 = time.perf_counter()
+    w.stop.set()
+    w.join()
+    os.close(w.fd)
+    base = [lat for t, lat in w.samples if t < t0]
+    during = [lat for t, lat in w.samples if t0 <= t <= t1]
+    return out, t1 - t0, stats(base), stats(during), len(during)
+
 def one(fs: str, size: int, work: Path, baseline_s: float) -> dict:
     image, fsmnt = work / f"{fs}.img", work / f"{fs}-mnt"
     with open(image, "wb") as f:
@@ -93,22 +110,12 @@ def one(fs: str, size: int, work: Path, baseline_s: float) -> dict:
         run("dd", "if=/dev/zero", f"of={mnt}/data", "bs=4M", f"count={size // (4 << 20)}",
             "oflag=direct", "conv=fsync", "status=none")
         w = Writer(mnt / "fsync-writer")
-        w.start()
-        time.sleep(baseline_s)                 # a benchmark's measuring window
-        t0 = time.perf_counter()
-        snap = json.loads(cli(home, pf, "snapshot", "create", "vol", "s", "--json"))
-        t1 = time.perf_counter()
-        w.stop.set()
-        w.join()
-        os.close(w.fd)
-        base = [lat for t, lat in w.samples if t < t0]
-        during = [lat for t, lat in w.samples if t0 <= t <= t1]
-        bp99, bmax = stats(base)
-        sp99, smax = stats(during)
-        wall = t1 - t0
+        snap_out, wall, (bp99, bmax), (sp99, smax), n_during = writes_around(
+            w, baseline_s, lambda: cli(home, pf, "snapshot", "create", "vol", "s", "--json"))
+        snap = json.loads(snap_out)
         ok = smax <= MAX_STALL_MS and (fs != "xfs" or wall <= XFS_WALL_S)
         return {"fs": fs, "data_gib": size / GiB, "base_p99_ms": bp99, "base_max_ms": bmax,
-                "snap_p99_ms": sp99, "snap_max_ms": smax, "writes_during": len(during),
+                "snap_p99_ms": sp99, "snap_max_ms": smax, "writes_during": n_during,
                 "wall_s": wall, "method": snap["copy_method"],
                 "copied_before_write_mib": snap["copied_before_write_bytes"] / 2 ** 20,
                 "targets_met": ok}

@@ -239,8 +239,8 @@ def delete_cmd(app: App, name):
 @click.argument("name", required=False)
 @click.option("--read-only", is_flag=True, help="Attach read-only (writes fail with EROFS).")
 @click.option("--threads", type=ASCII_INT, default=None, metavar="N",
-              help="nbdkit worker threads per connection (1-64, default 4). More help "
-                   "only when the disk's file sits on slow or remote storage.")
+              help="nbdkit worker threads per connection (1-64; default 4, and 16 for a disk "
+                   "on Ceph RBD). More help only when the disk sits on slow or remote storage.")
 @click.option("--persistent", is_flag=True,
               help="Also record that the disk attaches whenever the host runs (at boot, by "
                    "the unit of `blockcrypt service install`).")
@@ -364,8 +364,8 @@ def detach_cmd(app: App, name, all_):
                    "for local clients instead.")
 @click.option("--no-tls", is_flag=True, hidden=True)
 @click.option("--threads", type=ASCII_INT, default=None, metavar="N",
-              help="nbdkit worker threads per connection (1-64, default 4). More help "
-                   "only when the disk's file sits on slow or remote storage.")
+              help="nbdkit worker threads per connection (1-64; default 4, and 16 for a disk "
+                   "on Ceph RBD). More help only when the disk sits on slow or remote storage.")
 @json_option
 @pass_app
 def serve_cmd(app: App, name, unix_path, tcp, read_only, tls_psk, tls_certificates,

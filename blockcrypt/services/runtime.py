@@ -86,7 +86,8 @@ def check_threads(threads: int | None) -> None:
     if threads is not None and not commands.valid_thread_count(threads):
         raise errors.InvalidInput(
             detail=f"--threads must be between 1 and {commands.MAX_NBDKIT_THREADS}, got "
-                   f"{threads}; the default is {commands.NBDKIT_THREADS}")
+                   f"{threads}; the default is {commands.NBDKIT_THREADS} "
+                   f"({commands.RBD_NBDKIT_THREADS} for disks on Ceph RBD)")
 
 
 # -- starting -------------------------------------------------------------------------
@@ -150,7 +151,8 @@ def start_nbdkit(name: str, container: Path, *, discard: bool, dk: Secret | None
             discard=discard, keyfd=keyfd, pidfile=pidfile,
             pause_control=run_dir / CONTROL_SOCKET, unix_socket=unix_socket, tcp=tcp,
             exit_with_parent=serve, tls=tls, tls_psk=tls_psk, tls_certificates=tls_certificates,
-            threads=commands.NBDKIT_THREADS if threads is None else threads,
+            threads=(commands.default_threads(on_rbd=volume_params is not None)
+                     if threads is None else threads),
             cow_control=None if read_only or volume_params is not None else run_dir / COW_SOCKET,
             snapshot_dir=None if read_only or volume_params is not None
             else run_dir.parent / SNAPSHOTS_DIR,

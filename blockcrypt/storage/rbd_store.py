@@ -46,6 +46,16 @@ FEATURES_NAMES = ("RBD_FEATURE_LAYERING", "RBD_FEATURE_EXCLUSIVE_LOCK",
                   "RBD_FEATURE_OBJECT_MAP", "RBD_FEATURE_FAST_DIFF", "RBD_FEATURE_DEEP_FLATTEN")
 
 
+def _abandoned(staged_name: str) -> bool:
+    """Whether the process whose pid and start time end a staged name is gone
+    (an unparseable name is not ours to touch)."""
+    try:
+        pid, start = (int(x) for x in staged_name.rsplit("-", 2)[1:])
+    except ValueError:
+        return False
+    return not proc.process_alive(pid, start)
+
+
 @dataclass(frozen=True)
 class RbdLoc:
     """An image (or an image's snapshot) in a store; ``owner`` names it in errors."""
@@ -420,11 +430,7 @@ class RbdStore(Store[RbdLoc]):
             disk = self.locate(ref)
             staged = [n for n in self._snaps_or_empty(disk) if f"{TMP_MARK}{host}-" in n]
             for name in staged:
-                try:
-                    pid, start = (int(x) for x in name.rsplit("-", 2)[1:])
-                except ValueError:
-                    continue
-                if proc.process_alive(pid, start):
+                if not _abandoned(name):
                     continue
                 final = RbdLoc(disk.store, disk.image, name.split(TMP_MARK, 1)[0])
                 with db.write_txn(conn):
@@ -459,11 +465,7 @@ class RbdStore(Store[RbdLoc]):
                                        (obj_id, ref)).fetchone() is not None
                 loc = RbdLoc(self.cfg.name, name)
                 if TMP_MARK in name:
-                    try:
-                        pid, start = (int(x) for x in name.rsplit("-", 2)[1:])
-                    except ValueError:
-                        continue
-                    if proc.process_alive(pid, start):
+                    if not _abandoned(name):
                         continue
                     if has_row and final not in live:
                         self._rename(name, final)

@@ -40,7 +40,17 @@ PACKAGES = {
 # least as good as 16; 2 starved random writes.  4 requests per connection
 # can still wait on the backing storage at once.
 NBDKIT_THREADS = 4
+# A disk on Ceph RBD waits on the OSDs (a write commit takes milliseconds), not on
+# the GIL, so it needs more requests in flight: with 4, random writes reached
+# 0.35x of qemu-nbd's librbd (which keeps 32 in flight); with 16, 1.35x, and
+# sequential writes went from 0.65x to 1.00x (scripts/bench_rbd.py, docs/BENCHMARKS.md).
+RBD_NBDKIT_THREADS = 16
 MAX_NBDKIT_THREADS = 64
+
+
+def default_threads(*, on_rbd: bool) -> int:
+    """nbdkit worker threads per connection when the user gives none."""
+    return RBD_NBDKIT_THREADS if on_rbd else NBDKIT_THREADS
 
 
 def valid_thread_count(threads) -> bool:

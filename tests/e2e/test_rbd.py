@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from blockcrypt import errors
+from blockcrypt.system import commands
 
 from support.env import Env, dd_read, dd_write
 from support.prereq import require_block_devices
@@ -143,6 +144,10 @@ def test_two_hosts_share_a_store_and_one_server_at_a_time(kmip_server, ceph_clus
         B.refused(errors.StateError, "disk", "import", "again", image, "--store", "ceph")
         dev_b = B.attach("vol")["device"]
         assert dd_read(dev_b, MiB, 3 * MiB) == pattern
+        # A disk on RBD is served with more requests in flight than a file disk.
+        argv = Path(f"/proc/{B.json('disk', 'show', 'vol')['nbdkit_pid']}/cmdline")
+        argv = argv.read_bytes().split(b"\0")
+        assert argv[argv.index(b"--threads") + 1] == b"%d" % commands.RBD_NBDKIT_THREADS
 
         # One server at a time: A is refused, naming B (host, home).
         msg = A.refused(errors.DiskHeld, "disk", "attach", "vol")

@@ -23,6 +23,7 @@ import pytest
 from blockcrypt import errors
 from blockcrypt.testing.crashpoints import ENV_CRASH_AT, ENV_STOP_AT
 
+from support import procstate
 from support.cli import REPO
 from support.env import Env, dd_read, dd_write
 from support.prereq import require_block_devices
@@ -48,22 +49,10 @@ def _attach(e: Env, name: str) -> str:
     return json.loads(e.cli("disk", "attach", name, "--json", env=SLOW).stdout)["device"]
 
 
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "gone"
-
-
-def _stopped(pid: int) -> bool:
-    return _state(pid) == "T"
-
-
 def _stop_at_copying(e: Env, disk: str, snap: str) -> subprocess.Popen:
     p = _popen_cli(e, "snapshot", "create", disk, snap, "--json",
                    env={ENV_STOP_AT: "snapshot.copying"})
-    wait_for(lambda: p.poll() is not None or _stopped(p.pid), 60,
+    wait_for(lambda: p.poll() is not None or procstate.stopped(p.pid), 60,
              "snapshot create to reach snapshot.copying")
     assert p.poll() is None, p.communicate()
     return p
@@ -119,7 +108,7 @@ def test_killed_during_copy_leaves_no_snapshot_and_loses_no_write(env):
     p = _stop_at_copying(env, "d", "orphan")
     pid = env.json("disk", "show", "d")["nbdkit_pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: _state(pid) in ("Z", "gone"), 30, "nbdkit to die")
+    wait_for(lambda: procstate.dead(pid), 30, "nbdkit to die")
     os.kill(p.pid, signal.SIGCONT)
     _out, err = p.communicate(timeout=120)
     assert p.returncode == errors.StateError.exit_code, err.decode()
@@ -195,7 +184,7 @@ def test_freeze_thaws_on_success_error_signal_and_kill(env):
     # a signal while frozen: thawed, I/O resumed, nothing created
     p = _popen_cli(env, "snapshot", "create", "d", "sig", "--freeze",
                    env={ENV_STOP_AT: "snapshot.paused"})
-    wait_for(lambda: p.poll() is not None or _stopped(p.pid), 60, "the freeze")
+    wait_for(lambda: p.poll() is not None or procstate.stopped(p.pid), 60, "the freeze")
     os.kill(p.pid, signal.SIGTERM)
     os.kill(p.pid, signal.SIGCONT)
     _out, err = p.communicate(timeout=60)

@@ -24,6 +24,7 @@ import pytest
 
 from blockcrypt.testing.crashpoints import ENV_STOP_AT
 
+from support import procstate
 from support.cli import REPO
 from support.env import Env, dd_read, dd_write
 from support.prereq import require_block_devices
@@ -42,14 +43,6 @@ def _popen_cli(e: Env, *args, env: dict) -> subprocess.Popen:
             str(e.passphrase_file), *args]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, env={**os.environ, **env}, cwd=REPO)
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
-    except FileNotFoundError:
-        return False
 
 
 def _prepare(e: Env, *extra: str) -> None:
@@ -118,7 +111,7 @@ def test_attach_during_a_detached_snapshot_on_xfs(xfs_reflink_dir, passphrase_fi
         _prepare(e)
         p = _popen_cli(e, "snapshot", "create", "d", "s", "--json",
                        env={ENV_STOP_AT: "snapshot.after-copy"})
-        wait_for(lambda: p.poll() is not None or _stopped(p.pid), 60,
+        wait_for(lambda: p.poll() is not None or procstate.stopped(p.pid), 60,
                  "snapshot create to stop after the reflink")
         assert p.poll() is None, p.communicate()
         dev = e.attach("d")["device"]          # while snapshot create has not finished

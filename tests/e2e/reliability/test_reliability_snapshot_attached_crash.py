@@ -27,6 +27,7 @@ from blockcrypt.crypto.secret import Secret
 from blockcrypt.nbd.backend import DiskBackend
 from blockcrypt.testing.crashpoints import ENV_CRASH_LIST, ENV_STOP_AT
 
+from support import procstate
 from support.cli import REPO
 from support.env import Env, container_dk, dd_read, dd_write
 from support.prereq import require_block_devices
@@ -37,14 +38,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root]
 MiB = 1024 * 1024
 SLOW = {"BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S": "0.02"}
 BEFORE = os.urandom(4 * MiB)
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "gone"
 
 
 class Attached:
@@ -127,12 +120,12 @@ def test_snapshot_of_attached_disk_killed_at_every_step(att, tmp_path):
             name = f"s{i}-{victim}"
             nbdkit_pid = att.e.json("disk", "show", "d")["nbdkit_pid"]
             p = att.popen(name, {ENV_STOP_AT: step})
-            wait_for(lambda: p.poll() is not None or _state(p.pid) == "T", 120,
+            wait_for(lambda: p.poll() is not None or procstate.stopped(p.pid), 120,
                      f"snapshot create to reach {step}")
             assert p.poll() is None, p.communicate()
             if victim in ("nbdkit", "both"):
                 os.kill(nbdkit_pid, signal.SIGKILL)
-                wait_for(lambda: _state(nbdkit_pid) in ("Z", "gone"), 30, "nbdkit to die")
+                wait_for(lambda: procstate.dead(nbdkit_pid), 30, "nbdkit to die")
             if victim in ("cli", "both"):
                 os.kill(p.pid, signal.SIGKILL)
             os.kill(p.pid, signal.SIGCONT)

@@ -36,6 +36,7 @@ from blockcrypt.nbd.backend import DiskBackend
 from blockcrypt.system import proc
 from blockcrypt.testing.crashpoints import ENV_CRASH_LIST, ENV_STOP_AT
 
+from support import procstate
 from support.cli import REPO
 from support.env import Env, container_dk, dd_read, dd_write
 from support.prereq import require_block_devices
@@ -47,14 +48,6 @@ MiB = 1024 * 1024
 REGION = 24 * MiB                     # the data the snapshots hold (all allocated)
 SLOW = {"BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S": "0.2"}
 BEFORE_COPY = ("snapshot.locked", "snapshot.background")
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "gone"
 
 
 class Detached:
@@ -161,13 +154,13 @@ def test_snapshot_of_detached_disk_attached_meanwhile_killed_at_every_step(det, 
             name = f"s{i}-{victim}"
             p = det.create(name, {ENV_STOP_AT: step})
             if step in BEFORE_COPY:
-                wait_for(lambda: p.poll() is not None or _state(p.pid) == "T", 120,
+                wait_for(lambda: p.poll() is not None or procstate.stopped(p.pid), 120,
                          f"snapshot create to reach {step}")
                 a = det.attach()        # waits for the lock, or its server for us
             else:
                 wait_for(lambda: det.copying(name), 120, f"{name} to copy")
                 a = det.attach()        # its server takes the copy over
-                wait_for(lambda: p.poll() is not None or _state(p.pid) == "T", 120,
+                wait_for(lambda: p.poll() is not None or procstate.stopped(p.pid), 120,
                          f"snapshot create to reach {step}")
             assert p.poll() is None, (step, p.communicate())
             if step not in BEFORE_COPY:
@@ -186,7 +179,7 @@ def test_snapshot_of_detached_disk_attached_meanwhile_killed_at_every_step(det, 
                 for pid in server:
                     os.kill(pid, signal.SIGKILL)
                 for pid in server:
-                    wait_for(lambda: _state(pid) in ("Z", "gone"), 30, "the server to die")
+                    wait_for(lambda: procstate.dead(pid), 30, "the server to die")
             if victim in ("cli", "both"):
                 os.kill(p.pid, signal.SIGKILL)
             os.kill(p.pid, signal.SIGCONT)

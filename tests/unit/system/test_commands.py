@@ -75,6 +75,12 @@ def test_nbdkit_argv_threads():
             _nbdkit(threads=bad)
 
 
+def test_default_threads_per_store():
+    """Files are GIL-bound (4 is best); RBD waits on OSD commits and needs more in flight."""
+    assert commands.default_threads(on_rbd=False) == commands.NBDKIT_THREADS == 4
+    assert commands.default_threads(on_rbd=True) == commands.RBD_NBDKIT_THREADS == 16
+
+
 def test_nbdkit_argv_read_only_discard_unencrypted():
     argv = _nbdkit(read_only=True, discard=True, keyfd=None)
     assert "--readonly" in argv
