@@ -4,10 +4,13 @@ The rules of :mod:`.snapshots` hold unchanged (same DK and CMK, no encryption
 conversion, lineage, no export of encrypted snapshots); only the mechanics differ:
 
 - ``snapshot create`` takes an RBD snapshot of the disk's image (instant and
-  thin, no data copied).  For an attached disk I/O is paused through the pause
-  filter only while the snapshot is taken: the server holds the image's
-  exclusive lock, so librbd hands the request to it, and it flushes its cache
-  first.  The snapshot's header is the disk's at that instant (its uid is the
+  thin, no data copied).  An attached disk is not paused through nbdkit's pause
+  filter: the server holds the image's exclusive lock, so librbd hands the
+  request to the server's librbd, which blocks its own writes only while it
+  flushes its cache and records the snapshot.  Every write the client saw
+  acknowledged has reached librbd by then, so the snapshot holds it; a write
+  still in flight is in it or not, as after a power cut (crash-consistent;
+  ``--freeze`` for application consistency).  The snapshot's header is the disk's at that instant (its uid is the
   disk's; the catalog row's ``disk_id`` is checked against it).  Crash-safe like
   every create: staged under a temporary snapshot name, renamed once its row
   committed (:meth:`~blockcrypt.storage.rbd_store.RbdStore.publish`).
@@ -31,7 +34,7 @@ from ..constants import utc_timestamp
 from ..storage import catalog, db
 from ..storage.header import ID_BYTES
 from ..storage.rbd_store import RbdLoc
-from ..system import fsfreeze, quiesce
+from ..system import fsfreeze
 from ..testing.crashpoints import crashpoint
 from .disks import publishing
 from .snapshot_copy import _mounts_to_freeze
@@ -71,9 +74,9 @@ def create_snapshot(svc: LifecycleService, disk: sqlite3.Row, snap_name: str,
                        "mounted file system; it is not; snapshot it without --freeze")
         if served:
             mounts = _mounts_to_freeze(disk, att) if freeze else []
-            with fsfreeze.frozen(mounts), quiesce.paused(att["control_socket"]):
-                crashpoint("snapshot.paused")
-                store.snapshot(tmp)
+            with fsfreeze.frozen(mounts):
+                crashpoint("snapshot.rbd-snap")
+                store.snapshot(tmp)           # the server's librbd blocks its writes
             quiesced = True
         else:
             store.snapshot(tmp)

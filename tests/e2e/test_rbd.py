@@ -180,8 +180,8 @@ def test_two_hosts_share_a_store_and_one_server_at_a_time(kmip_server, ceph_clus
 
 
 def test_snapshots_clones_and_reset_on_rbd(env, ceph_cluster, tmp_path):
-    """F-43. Snapshots of an RBD disk are RBD snapshots (attached: I/O paused only while it is
-    taken), disks from them are clones with their own id and the same data key, reset
+    """F-43. Snapshots of an RBD disk are RBD snapshots (attached: taken by the server's
+    librbd, no pause filter), disks from them are clones with their own id and the same data key, reset
     is a rollback; what depends on what is never deleted; the mission's refusals hold."""
     keyring = ceph_cluster.add_client("blockcrypt", tmp_path / "k.keyring")
     assert _add(env, ceph_cluster, keyring).returncode == 0
