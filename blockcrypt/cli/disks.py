@@ -83,15 +83,22 @@ def disk_group():
 @click.option("--from-snapshot", "snapshot", default=None,
               help="Create the disk from this snapshot: same contents, encryption, CMK, "
                    "sector size and data key.")
+@click.option("--flatten", is_flag=True,
+              help="With --from-snapshot of a disk on Ceph: copy the snapshot's data into "
+                   "the new disk now, so that it does not depend on the snapshot (which can "
+                   "then be deleted). A disk in the home never depends on its snapshot.")
 @click.option("--store", "store", default=None,
               help="The store the disk lives in (`blockcrypt store list`; default: files "
                    "under the home).")
 @json_option
 @pass_app
 def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, discard, snapshot,
-               store):
+               flatten, store):
     """Create a disk NAME of --size bytes, or from a snapshot."""
     names.validate_name(name)
+    if flatten and snapshot is None:
+        raise errors.InvalidInput(detail="--flatten applies to a disk created from a "
+                                         "snapshot; add --from-snapshot SNAPSHOT or drop it")
     if snapshot is not None and store is not None:
         raise errors.InvalidInput(detail="a disk from a snapshot lives in the snapshot's "
                                          "store; --store cannot be used with --from-snapshot")
@@ -101,7 +108,8 @@ def create_cmd(app: App, name, size_text, encrypted, key_ref, sector_size, disca
         with _service(app) as svc, shown(app.json_output, f"disk {name} from snapshot {snapshot}"):
             d = LifecycleService(app.home, svc.conn, svc.keys, disks=svc).create_disk_from_snapshot(
                 name, snapshot, size_bytes=size_bytes, encrypted=encrypted, key_ref=key_ref,
-                sector_size=int(sector_size) if sector_size else None, discard=discard)
+                sector_size=int(sector_size) if sector_size else None, discard=discard,
+                flatten=flatten)
         enc = f"encrypted under key {d['cmk_id']}" if d["encrypted"] else "not encrypted"
         app.emit(d, f"created disk {name} from snapshot {snapshot}: "
                     f"{human_size(d['size_bytes'])}, {enc}")

@@ -306,12 +306,14 @@ class LifecycleService:
     def create_disk_from_snapshot(self, name: str, snap_name: str, *,
                                   size_bytes: int | None = None, encrypted: bool | None = None,
                                   key_ref: str | None = None, sector_size: int | None = None,
-                                  discard: bool = False) -> dict:
+                                  discard: bool = False, flatten: bool = False) -> dict:
         """A new disk with a snapshot's contents, encryption, CMK, sector size and DK.
 
         encrypted / key_ref / sector_size may only confirm the snapshot's
         (ConversionRefused, EncryptionRefused, CmkChangeRefused, InvalidInput otherwise);
-        size_bytes may only grow it.
+        size_bytes may only grow it.  On Ceph the disk is an RBD clone that depends on
+        the snapshot; ``flatten`` copies the snapshot's data into it before it is
+        published, so it does not (a disk in the home never depends on its snapshot).
         """
         names.validate_name(name)
         snap = get_snapshot(self.conn, snap_name)
@@ -341,6 +343,9 @@ class LifecycleService:
             method = self._copy_snapshot(snap, tmp)
             crashpoint("from-snapshot.after-copy")
             header = self._derive(tmp, snap, kind=Kind.DISK, uid=uid, size_bytes=size_bytes)
+            clone = rbd_snapshots.is_rbd(tmp)
+            if clone and flatten:
+                self.store.named(tmp.store).flatten(tmp)
             crashpoint("from-snapshot.before-commit")
             with db.write_txn(self.conn):
                 if catalog.get_disk(self.conn, name) is not None:
@@ -354,6 +359,7 @@ class LifecycleService:
                 row = catalog.get_disk_by_id(self.conn, header.uid_hex)
         out = self.disks.describe(row, None)    # as created (a delete may already follow)
         out["copy_method"] = method
+        out["depends_on_snapshot"] = clone and not flatten
         return out
 
     def _check_no_conversion(self, snap: sqlite3.Row, encrypted: bool | None,

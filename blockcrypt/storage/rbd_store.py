@@ -268,6 +268,12 @@ class RbdStore(Store[RbdLoc]):
                             features=features())
         return "rbd-clone"
 
+    def flatten(self, loc: RbdLoc) -> None:
+        """Copy a clone's data from its parent snapshot into it (RBD flatten): the
+        image then no longer depends on the snapshot."""
+        with self.image(loc) as img:
+            img.flatten()
+
     def export(self, loc: RbdLoc, dest: Path, *, offset: int, length: int) -> str:
         """Bytes of the image (or snapshot) to a new sparse file, complete or absent."""
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")

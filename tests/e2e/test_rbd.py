@@ -20,6 +20,7 @@ lock never broken silently), F-43 (snapshots, clones, rollback, reinit).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -223,6 +224,19 @@ def test_snapshots_clones_and_reset_on_rbd(env, ceph_cluster, tmp_path):
 
     msg = env.refused(errors.StateError, "snapshot", "delete", "s1")
     assert "disk clone" in msg
+    # --flatten: the snapshot's data copied into the new disk, which then has no parent
+    env.refused(errors.InvalidInput, "disk", "create", "y", "--size", "16M", "--flatten")
+    f = env.json("disk", "create", "flat", "--from-snapshot", "s1", "--flatten")
+    assert f["depends_on_snapshot"] is False and c["depends_on_snapshot"] is True
+    info = json.loads(ceph_cluster.rbd("info", "--format", "json",
+                                       f"{ceph_cluster.pool}/bc-{f['id']}").stdout)
+    assert "parent" not in info
+    dev = env.attach("flat")["device"]
+    assert dd_read(dev, MiB, 2 * MiB) == first
+    env.detach("flat")
+    msg = env.refused(errors.StateError, "snapshot", "delete", "s1")
+    assert "disk clone" in msg and "flat" not in msg
+    env.cli("disk", "delete", "flat")
     msg = env.refused(errors.StateError, "disk", "delete", "src")
     assert "snapshot s1" in msg
 
