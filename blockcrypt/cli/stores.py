@@ -8,6 +8,7 @@ import click
 
 from . import App, cli, json_option, pass_app
 from .output import format_fields, format_table
+from .params import ASCII_INT
 
 
 @contextlib.contextmanager
@@ -22,7 +23,8 @@ def _print_store(d: dict) -> None:
     click.echo(format_fields([
         ("name", d["name"]), ("type", d["type"]), ("pool", d["pool"]),
         ("ceph conf", d["conf"]), ("client", f"client.{d['client_id']}"),
-        ("keyring", d["keyring"] or "(from the conf)"), ("created", d["created_at"]),
+        ("keyring", d["keyring"] or "(from the conf)"),
+        ("I/O timeout", f"{d['io_timeout_s']} s"), ("created", d["created_at"]),
         ("used by", ", ".join(d["used_by"]) or "-")]))
 
 
@@ -43,14 +45,18 @@ def store_group():
 @click.option("--keyring", default=None, type=click.Path(dir_okay=False),
               help="That user's keyring file, mode 0600 (default: the conf's keyring). "
                    "Only its path is recorded, never the key.")
+@click.option("--io-timeout", "io_timeout_s", type=ASCII_INT, default=30, show_default=True,
+              metavar="SECONDS",
+              help="How long a served disk's request may wait for the OSDs before the "
+                   "client gets an I/O error (EIO) instead of a hang (1-3600).")
 @json_option
 @pass_app
-def add_cmd(app: App, name, type_, conf, pool, client_id, keyring):
+def add_cmd(app: App, name, type_, conf, pool, client_id, keyring, io_timeout_s):
     """Add store NAME after checking that the cluster answers, the user is accepted and
     the pool exists as an RBD pool (nothing is recorded otherwise)."""
     with _service(app) as svc:
         d = svc.add(name, type_=type_, conf=conf, pool=pool, client_id=client_id,
-                    keyring=keyring)
+                    keyring=keyring, io_timeout_s=io_timeout_s)
     app.emit(d, f"added store {name}: pool {pool} as client.{client_id}\n"
                 f"next: `blockcrypt disk create NAME --size 10G --store {name}`")
 

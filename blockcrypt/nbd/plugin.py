@@ -72,7 +72,8 @@ _rbd: dict[str, str] = {}          # rbd-* parameters, without the prefix
 _disk = ""
 _home: str | None = None
 _break_lock = False
-RBD_KEYS = ("store", "conf", "pool", "client", "keyring", "image")
+RBD_KEYS = ("store", "conf", "pool", "client", "keyring", "image", "io-timeout")
+RBD_OPTIONAL = ("keyring", "io-timeout")
 _keyfd: int | None = None
 _readonly = False
 _discard = False
@@ -128,15 +129,15 @@ def config(key: str, value: str) -> None:
         # Name the key only: a mistyped parameter could carry something secret.
         raise ValueError(f"unknown parameter {key!r}; "
                          "accepted: file, rbd-store, rbd-conf, rbd-pool, rbd-client, "
-                         "rbd-keyring, rbd-image, disk, home, break-lock, keyfd, readonly, "
-                         "discard, cowctl, snapdir")
+                         "rbd-keyring, rbd-image, rbd-io-timeout, disk, home, break-lock, "
+                         "keyfd, readonly, discard, cowctl, snapdir")
 
 
 def config_complete() -> None:
     global _dk
     if (_file is None) == (not _rbd):
         raise ValueError("either file=CONTAINER or the rbd-* parameters are required")
-    missing = [k for k in RBD_KEYS if k != "keyring" and k not in _rbd] if _rbd else []
+    missing = [k for k in RBD_KEYS if k not in RBD_OPTIONAL and k not in _rbd] if _rbd else []
     if missing:
         raise ValueError(f"missing rbd-{missing[0]}=")
     if _keyfd is not None:
@@ -158,7 +159,9 @@ def open_volume() -> Volume:
         return FileVolume(_file, read_only=_readonly)
     from blockcrypt.storage.rbd_volume import RbdVolume, StoreConfig
     cfg = StoreConfig(name=_rbd["store"], conf=_rbd["conf"], pool=_rbd["pool"],
-                      client_id=_rbd["client"], keyring=_rbd.get("keyring"))
+                      client_id=_rbd["client"], keyring=_rbd.get("keyring"),
+                      **({"io_timeout_s": int(_rbd["io-timeout"])} if "io-timeout" in _rbd
+                         else {}))
     volume = RbdVolume(cfg, _rbd["image"], read_only=_readonly, disk=_disk, home=_home,
                        break_lock=_break_lock)
     if volume.displaced:

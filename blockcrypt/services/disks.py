@@ -125,7 +125,8 @@ class DiskService:
         cfg = stores.get(self.conn, loc.store)
         params = [f"rbd-store={cfg.name}", f"rbd-conf={cfg.conf}", f"rbd-pool={cfg.pool}",
                   f"rbd-client={cfg.client_id}", f"rbd-image={loc.image}",
-                  f"disk={disk['name']}", f"home={self.home.path}"]
+                  f"rbd-io-timeout={cfg.io_timeout_s}", f"disk={disk['name']}",
+                  f"home={self.home.path}"]
         if cfg.keyring is not None:
             params.append(f"rbd-keyring={cfg.keyring}")
         if break_lock:

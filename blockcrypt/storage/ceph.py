@@ -34,7 +34,9 @@ DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 CONNECT_TIMEOUT_S = 10
 # The server: an OSD that does not answer within this fails the request with an
 # error the client sees (EIO), never a silent success and never a hang forever.
+# Each store may set its own (`store add --io-timeout`).
 SERVE_OSD_TIMEOUT_S = 30
+MAX_IO_TIMEOUT_S = 3600
 
 _modules: tuple[ModuleType, ModuleType] | None = None
 
@@ -79,6 +81,7 @@ class StoreConfig:
     pool: str
     client_id: str = "admin"   # cephx user client.<id>
     keyring: str | None = None  # keyring file (0600); None: the conf's keyring
+    io_timeout_s: int = SERVE_OSD_TIMEOUT_S   # a served disk's OSD operation bound
 
     def describe(self) -> str:
         return f"store {self.name!r} (pool {self.pool!r}, client.{self.client_id})"

@@ -9,8 +9,9 @@ request path (``nbd/sectors.py``): same XTS layout, tweak rule and zero rule.
 Opening read-write takes the image's exclusive lock explicitly
 (:func:`~.rbd_image.take_lock`: refused, naming the holder, while any server on
 any host holds it; broken only when asked), so two hosts never serve one disk.
-Read-only opens take no lock.  An OSD that does not answer within
-:data:`~.ceph.SERVE_OSD_TIMEOUT_S` fails the request with an errno the client
+Read-only opens take no lock.  An OSD that does not answer within the store's
+I/O timeout (``StoreConfig.io_timeout_s``, default
+:data:`~.ceph.SERVE_OSD_TIMEOUT_S`) fails the request with an errno the client
 sees, never a silent success.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import errno
 
 from . import container
-from .ceph import SERVE_OSD_TIMEOUT_S, StoreConfig, ceph_error, connect, modules, open_pool
+from .ceph import StoreConfig, ceph_error, connect, modules, open_pool
 from .rbd_image import RbdDevice, release_lock, take_lock
 from .volume import Volume
 
@@ -37,7 +38,7 @@ class RbdVolume(Volume):
         self.name = f"rbd:{cfg.name}/{image}"
         self.read_only = read_only
         self.displaced: str | None = None
-        self._cluster = connect(cfg, osd_timeout_s=SERVE_OSD_TIMEOUT_S)
+        self._cluster = connect(cfg, osd_timeout_s=cfg.io_timeout_s)
         self._ioctx = self._image = None
         try:
             self._ioctx = open_pool(cfg, self._cluster)

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS stores (
     pool            TEXT NOT NULL,
     client_id       TEXT NOT NULL,             -- cephx user client.<id>
     keyring         TEXT,                      -- keyring file path (0600), NULL: the conf's
+    io_timeout_s    INTEGER NOT NULL DEFAULT 30, -- a served disk's OSD operation bound
     created_at      TEXT NOT NULL
 )
 """
@@ -50,7 +51,8 @@ STORE_TYPES = ("rbd",)
 
 def _config(row: sqlite3.Row) -> StoreConfig:
     return StoreConfig(name=row["name"], conf=row["conf"], pool=row["pool"],
-                       client_id=row["client_id"], keyring=row["keyring"])
+                       client_id=row["client_id"], keyring=row["keyring"],
+                       io_timeout_s=row["io_timeout_s"])
 
 
 def get(conn: sqlite3.Connection, name: str) -> StoreConfig:
@@ -69,9 +71,10 @@ def insert(conn: sqlite3.Connection, cfg: StoreConfig, type_: str = "rbd") -> No
     """Record a store (call inside db.write_txn); AlreadyExists if the name is taken."""
     if conn.execute("SELECT 1 FROM stores WHERE name = ?", (cfg.name,)).fetchone():
         raise errors.AlreadyExists(what="store", name=cfg.name)
-    conn.execute("INSERT INTO stores (name, type, conf, pool, client_id, keyring, created_at) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?)", (cfg.name, type_, cfg.conf, cfg.pool,
-                                                  cfg.client_id, cfg.keyring, utc_timestamp()))
+    conn.execute("INSERT INTO stores (name, type, conf, pool, client_id, keyring, "
+                 "io_timeout_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (cfg.name, type_, cfg.conf, cfg.pool, cfg.client_id, cfg.keyring,
+                  cfg.io_timeout_s, utc_timestamp()))
 
 
 def delete(conn: sqlite3.Connection, name: str) -> None:

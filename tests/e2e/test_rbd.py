@@ -82,12 +82,16 @@ def test_store_add_checks_before_recording(env, ceph_cluster, tmp_path):
                  "--client-id", "blockcrypt", "--keyring", str(good), check=False,
                  timeout=60)
     assert "cannot be reached" in _refused(env, errors.StoreUnreachable, cp)
+    for bad in ("0", "3601", "x"):
+        cp = _add(env, ceph_cluster, good, "ceph", "--io-timeout", bad)
+        assert cp.returncode in (errors.InvalidInput.exit_code, 2), cp.stderr
     assert env.json("store", "list") == []                   # nothing recorded
 
     assert _add(env, ceph_cluster, good).returncode == 0
     assert _refused(env, errors.AlreadyExists, _add(env, ceph_cluster, good))
     shown = env.json("store", "show", "ceph")
     assert shown["pool"] == ceph_cluster.pool and shown["keyring"] == str(good)
+    assert shown["io_timeout_s"] == 30                        # the default
     assert "AQ" not in env.cli("store", "show", "ceph", "--json").stdout.decode()  # no key
     d = env.create("db", "64M", "--store", "ceph")
     assert d["store"] == "ceph" and d["path"] == f"rbd:ceph/bc-{d['id']}"
