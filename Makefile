@@ -9,8 +9,9 @@ LINK    := $(or $(BLOCKCRYPT_LINK),/usr/local/bin/blockcrypt)
 install:
 	@scripts/install-deps.sh
 
+# --durations: the slowest tests, to keep CI under its 30-minute budget.
 test: install
-	$(PYTEST) -q $(PYTEST_ARGS)
+	$(PYTEST) -q --durations=25 $(PYTEST_ARGS)
 
 # Unit and property tests only (no root, no devices).
 test-quick: install
