@@ -322,9 +322,10 @@ def report_text(result: dict) -> str:
 # -- main -----------------------------------------------------------------------
 
 def serve_text(threads: int | None) -> str:
-    from blockcrypt.system.commands import NBDKIT_THREADS
+    from blockcrypt.system.commands import default_threads
     if threads is None:
-        return f"`disk serve NAME --unix SOCK` (default {NBDKIT_THREADS} nbdkit threads)"
+        return (f"`disk serve NAME --unix SOCK` (the default for RBD disks, "
+                f"{default_threads(on_rbd=True)} nbdkit threads)")
     return f"`disk serve NAME --unix SOCK --threads {threads}`"
 
 
