@@ -28,12 +28,12 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from blockcrypt import errors
 
+from support import procstate
 from support.ceph import Cluster, kill_osd, osd_pid, osd_up_from, restart_osd
 from support.wait import wait_for
 
@@ -167,9 +167,8 @@ def thaw(cluster: Cluster) -> None:
 
 def osd_state(cluster: Cluster) -> str | None:
     pid = osd_pid(cluster)
-    if pid is None:
-        return None
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    state = None if pid is None else procstate.state(pid)
+    return None if state == "gone" else state
 
 
 @pytest.fixture
