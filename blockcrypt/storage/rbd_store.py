@@ -17,7 +17,10 @@ only ever acts on this host's markers (a process of another host cannot be
 checked for life, and its catalog is not ours).
 
 This module owns no policy: no catalog rows beyond what :meth:`recover` checks,
-no keys, no processes.
+no keys, no processes.  It is slightly over 500 lines and kept whole: it is one
+class implementing one contract (:class:`~.store.Store`), and splitting the
+publish/recover half from the rest would separate the naming rules both halves
+share.
 """
 from __future__ import annotations
 
