@@ -55,14 +55,20 @@ def _grow_fs_and_check(env, dev: str, hashes: dict[str, str], size_bytes: int) -
     assert fsck.returncode == 0, fsck.stdout.decode() + fsck.stderr.decode()
 
 
-@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
-def test_resize_attached_and_mounted_then_reattach(env, encrypted):
+def _mounted_64m_disk_with_files(env, encrypted: bool):
+    """Disk g (64 MiB) attached, formatted ext4 and mounted, holding write_files:
+    ``(device, mount point, the files' hashes)``."""
     require_tools("mkfs.ext4", "e2fsck", "resize2fs", "blockdev")
     env.create("g", "64M", *([] if encrypted else ["--no-encrypted"]))
     dev = env.attach("g")["device"]
     subprocess.run(["mkfs.ext4", "-q", dev], check=True, capture_output=True)
     mp = env.mount(dev)
-    hashes = write_files(mp)
+    return dev, mp, write_files(mp)
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
+def test_resize_attached_and_mounted_then_reattach(env, encrypted):
+    dev, mp, hashes = _mounted_64m_disk_with_files(env, encrypted)
 
     out = env.json("disk", "resize", "g", "--size", "160M")
     assert out["size_bytes"] == 160 * MiB and out["reattach_required"] is True
@@ -84,12 +90,7 @@ def test_resize_attached_and_mounted_then_reattach(env, encrypted):
 
 @pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
 def test_resize_detached_then_attach(env, encrypted):
-    require_tools("mkfs.ext4", "e2fsck", "resize2fs", "blockdev")
-    env.create("g", "64M", *([] if encrypted else ["--no-encrypted"]))
-    dev = env.attach("g")["device"]
-    subprocess.run(["mkfs.ext4", "-q", dev], check=True, capture_output=True)
-    mp = env.mount(dev)
-    hashes = write_files(mp)
+    dev, mp, hashes = _mounted_64m_disk_with_files(env, encrypted)
     env.umount(mp)
     env.detach("g")
 
