@@ -30,7 +30,8 @@ from blockcrypt.testing.crashpoints import ENV_STOP_AT
 
 from support.cli import REPO
 from support.env import Env
-from support.memory import find_in_memory, process_state
+from support.memory import find_in_memory
+from support.procstate import stopped
 from support.serve import start_serve
 from support.wait import wait_for
 
@@ -83,7 +84,7 @@ def test_attach_wipes_passphrase_kek_and_dk_once_nbdkit_has_the_key(env: Env):
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
                          env={**os.environ, ENV_STOP_AT: "disk-attach.after-nbdkit"})
     try:
-        wait_for(lambda: p.poll() is not None or process_state(p.pid) == "T", 60,
+        wait_for(lambda: p.poll() is not None or stopped(p.pid), 60,
                  "attach to stop itself after starting nbdkit")
         assert p.poll() is None, p.stderr.read().decode()
         found = find_in_memory(p.pid, secrets)

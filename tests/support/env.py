@@ -126,9 +126,9 @@ def teardown_home(home: Path, cli: Callable[..., subprocess.CompletedProcess]) -
             if d["state"] != "available" and d["method"] != "serve":
                 cli("disk", "detach", d["name"], check=False)
     run = home / "run"
-    for pid in (proc.find_processes("nbdkit", f"{run}/")
-                + proc.find_processes("nbdfuse", f"{run}/")):
-        proc.stop_process(pid, os.path.basename(proc.cmdline(pid)[0]), f"{run}/")
+    for program in ("nbdkit", "nbdfuse"):
+        for pid in proc.find_processes(program, f"{run}/"):
+            proc.stop_process(pid, program, f"{run}/")
 
 
 def sha256(path: Path) -> str:

@@ -6,8 +6,6 @@ mappings is not found, which is acceptable for secrets kept in one buffer.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 SKIP = {"[vvar]", "[vsyscall]", "[vvar_vclock]"}
 
 
@@ -35,8 +33,3 @@ def find_in_memory(pid: int, needles: dict[str, bytes]) -> dict[str, list[str]]:
     assert regions_read > 0, f"could not read any memory of process {pid}"
     return found
 
-
-def process_state(pid: int) -> str:
-    """The one-letter state of /proc/PID/stat ('T' once stopped)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2]
