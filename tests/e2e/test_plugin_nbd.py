@@ -502,8 +502,10 @@ def test_pinned_thread_states_released_when_connections_close(tmp_path, threads)
     assert all(1 <= n <= threads for n in released), released
     # The interpreter's thread states: the main thread's and the closing
     # connection thread's (nbdkit's PyGILState_Ensure), not one per request
-    # or per connection ever served.
-    assert max(live) <= 3 and live[-1] == live[0], live
+    # or per connection ever served: a leak would pass 3 within a few closes.
+    # (CI once saw 3 at the first close and 2 from then on, under load; the
+    # third state's owner is not known, so the count may fall, never rise.)
+    assert max(live) <= 3 and live[-1] <= live[0], live
     if threads > 1:                     # concurrent requests used several worker threads
         assert sum(n > 1 for n in released) > 100, released
     assert rss_after - rss_before < 6 * 1024, (rss_before, rss_after)
