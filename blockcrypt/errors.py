@@ -446,6 +446,11 @@ class DiskHeld(StorageError):
     exit_code = 98
 
 
+class StoreNotAnswering(StorageError):
+    """store {store!r}: the Ceph cluster did not answer an operation on {what} in time (an OSD down, a placement group inactive, or the monitors gone since connecting); check `ceph -s` and `ceph health detail`, then retry"""
+    exit_code = 99
+
+
 def storage_error(path, exc: OSError, what: str = "file") -> BlockcryptError:
     """The user-facing error for an OSError on path: NoSpace, NotFound or StorageError."""
     import errno

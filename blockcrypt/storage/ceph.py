@@ -164,6 +164,10 @@ def ceph_error(cfg: StoreConfig, exc: BaseException, *, connecting: bool = False
                                        keyring=cfg.keyring or "(from the conf)", pool=cfg.pool,
                                        reason="authentication refused" if connecting
                                        else f"permission denied: {reason}")
+    if code == errno.ETIMEDOUT and not connecting:    # connected: an operation's bound
+        return errors.StoreNotAnswering(store=cfg.name,
+                                        what=owner or (f"image {image!r}" if image
+                                                       else f"pool {cfg.pool!r}"))
     if code in (errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN, errno.ECONNREFUSED) or (
             connecting and code in (errno.EINVAL, errno.EINTR)):
         return errors.StoreUnreachable(store=cfg.name, conf=cfg.conf, reason=reason)

@@ -4,7 +4,9 @@ real Ceph cluster (fixture ``ceph_cluster``).
 - OSD stopped mid-write (killed, or frozen with SIGSTOP): a writer doing 4 KiB
   O_DIRECT writes + fsync on the attached block device gets EIO within a bounded
   time, never silent success; after the OSD is restarted, detach and re-attach
-  read back every write that was acknowledged before the error.
+  read back every write that was acknowledged before the error.  While it is
+  frozen, attaching another disk is refused as StoreNotAnswering (99), not as an
+  unreachable cluster.
 - Cluster unreachable (every daemon frozen): the attached disk's writer gets EIO
   within the same bound; attaching another disk of the store is refused with an
   error naming the store; once the cluster is back, nothing acknowledged is lost.
@@ -198,6 +200,7 @@ def test_osd_stopped_mid_write_gives_eio_and_keeps_acknowledged_writes(rbd_env, 
                                                                        how):
     env = rbd_env
     create(env, "vol")
+    create(env, "other")
     w = Writer(env.attach("vol")["device"])
     w.start()
     w.wait_for_acks(ACKED_BEFORE_FAULT)
@@ -209,6 +212,14 @@ def test_osd_stopped_mid_write_gives_eio_and_keeps_acknowledged_writes(rbd_env, 
                       lambda: restart_osd(ceph_cluster, up_from_before=up_from))
     assert took <= EIO_DEADLINE_S
     assert w.acked, "nothing was acknowledged before the fault"
+    if how == "frozen":
+        # the monitors answer, the OSD does not: a command's refusal says so, names
+        # the disk, and points at the cluster's health, within its bound
+        t0 = time.monotonic()
+        msg = env.refused(errors.StoreNotAnswering, "disk", "attach", "other")
+        assert time.monotonic() - t0 < EIO_DEADLINE_S
+        assert "'other'" in msg and f"'{STORE}'" in msg and "ceph -s" in msg, msg
+        assert env.json("disk", "show", "other")["state"] == "available"
 
     restart_osd(ceph_cluster, up_from_before=up_from)
     assert_acked_intact(env, "vol", w)

@@ -67,6 +67,18 @@ def test_other_errors(mods):
     assert type(e) is errors.StoreAuthRefused and "permission denied" in e.message
 
 
+def test_an_operation_timed_out_once_connected_is_not_an_unreachable_cluster(mods):
+    """Connected, an OSD (or monitor) operation past its bound: the cluster answered
+    the connect, so the next step is its health, not the monitors in the conf."""
+    rados, rbd = mods
+    e = ceph_error(CFG, rbd.Timeout("t", errno=errno.ETIMEDOUT), image="bc-03",
+                   owner="disk 'db'")
+    assert type(e) is errors.StoreNotAnswering and e.exit_code == 99
+    assert "disk 'db'" in e.message and "'ceph1'" in e.message and "ceph -s" in e.message
+    e = ceph_error(CFG, rados.TimedOut("t", errno=errno.ETIMEDOUT))
+    assert type(e) is errors.StoreNotAnswering and "pool" in e.message
+
+
 def test_keyring_must_be_private(tmp_path):
     k = tmp_path / "k"
     k.write_text("[client.bc]\n")
