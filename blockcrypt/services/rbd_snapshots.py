@@ -61,6 +61,10 @@ def create_snapshot(svc: LifecycleService, disk: sqlite3.Row, snap_name: str,
     loc = svc.path_of(disk)
     header = svc.store.read_header(loc, repair=False)
     catalog.check_header_matches(header, disk, loc)
+    if header.encrypted:
+        # An RBD snapshot re-wraps nothing (it holds the disk's header), but as for a
+        # file a disabled CMK must stop it: it would keep data the key no longer serves.
+        svc.keys.check_usable(header.cmk_id)
     store = svc.store.named(loc.store)
     uid = os.urandom(ID_BYTES)
     final = RbdLoc(loc.store, loc.image, uid.hex(), owner=f"snapshot {snap_name!r}")
@@ -126,6 +130,15 @@ def clone_users(svc, snap: sqlite3.Row) -> list[str]:
                                (f"rbd:{loc.store}/{image}",)).fetchone()
         out.append(f"disk {row['name']}" if row else f"RBD image {image}")
     return out
+
+
+def keep_flattened(svc: LifecycleService, current, staged) -> None:
+    """A disk created with ``--flatten`` stays independent of its snapshot when
+    ``disk reinit`` swaps in a new clone of it: flatten the staged clone too."""
+    if is_rbd(staged):
+        store = svc.store.named(staged.store)
+        if not store.has_parent(current):
+            store.flatten(staged)
 
 
 def reset(svc: LifecycleService, disk: sqlite3.Row, snap: sqlite3.Row) -> dict:

@@ -447,6 +447,7 @@ class LifecycleService:
                 method = self._copy_snapshot(snap, tmp)
                 header = self._derive(tmp, snap, kind=Kind.DISK, uid=uid,
                                       size_bytes=disk["size_bytes"])
+                rbd_snapshots.keep_flattened(self, path, tmp)
             else:
                 method = "blank"
                 current = self.store.read_header(path, repair=False)

@@ -41,6 +41,8 @@ from .store import ContainerLock, Store
 
 REF_PREFIX = "rbd:"
 EXPORT_CHUNK_BYTES = 4 * 1024 * 1024
+SPARSE_BLOCK_BYTES = 4096        # an export leaves all-zero blocks of this size as holes
+_ZERO_BLOCK = bytes(SPARSE_BLOCK_BYTES)
 TMP_MARK = ".tmp-"
 DELETED_MARK = ".deleted-"
 # Image features: layering (clones), exclusive-lock (one server), object-map and
@@ -97,6 +99,19 @@ class RbdLock(ContainerLock):
 
     def __init__(self, loc: RbdLoc, image, *, held: bool, exclusive: bool):
         self.loc, self.image, self.held, self.exclusive = loc, image, held, exclusive
+
+
+def write_nonzero(fd: int, data: bytes, pos: int) -> None:
+    """pwrite ``data`` at ``pos`` except its all-zero 4 KiB blocks, which stay holes
+    (as `rbd export` does): an RBD object is 4 MiB, a file system block 4 KiB."""
+    run = None                                   # start of the current non-zero run
+    for i in range(0, len(data) + SPARSE_BLOCK_BYTES, SPARSE_BLOCK_BYTES):
+        block = data[i:i + SPARSE_BLOCK_BYTES]
+        if block and block != _ZERO_BLOCK[:len(block)]:
+            run = i if run is None else run
+        elif run is not None:
+            os.pwrite(fd, data[run:i], pos + run)
+            run = None
 
 
 class RbdStore(Store[RbdLoc]):
@@ -271,6 +286,16 @@ class RbdStore(Store[RbdLoc]):
                             features=features())
         return "rbd-clone"
 
+    def has_parent(self, loc: RbdLoc) -> bool:
+        """Is the image a clone that still reads from its parent snapshot?"""
+        _, rbd = modules()
+        with self.image(loc, read_only=True) as img:
+            try:
+                img.parent_info()
+            except rbd.ImageNotFound:    # librbd's answer for "no parent"
+                return False
+            return True
+
     def flatten(self, loc: RbdLoc) -> None:
         """Copy a clone's data from its parent snapshot into it (RBD flatten): the
         image then no longer depends on the snapshot."""
@@ -285,9 +310,7 @@ class RbdStore(Store[RbdLoc]):
             with self.image(loc, read_only=True) as img:
                 chunk = EXPORT_CHUNK_BYTES
                 for pos in range(0, length, chunk):
-                    data = img.read(offset + pos, min(chunk, length - pos))
-                    if data.count(0) != len(data):
-                        os.pwrite(fd, data, pos)
+                    write_nonzero(fd, img.read(offset + pos, min(chunk, length - pos)), pos)
             os.ftruncate(fd, length)
             os.fsync(fd)
             if os.path.lexists(dest):

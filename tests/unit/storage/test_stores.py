@@ -3,6 +3,7 @@ as before: other homes' databases and tools read it), and the registry's naming.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 
@@ -71,3 +72,36 @@ def test_store_rows_users_and_registry(conn, tmp_path):
 def test_add_store_refuses_the_file_name(conn):
     with pytest.raises(errors.InvalidName):
         stores.add_store(conn, StoreConfig("file", "/c", "rbd"))
+
+
+def test_rbd_export_leaves_zero_blocks_as_holes(tmp_path):
+    """An RBD export reads whole 4 MiB objects; what is written of them is only the
+    non-zero 4 KiB blocks (runs merged), so the file is as sparse as the data."""
+    from blockcrypt.storage.rbd_store import write_nonzero
+    block = 4096
+    data = bytearray(64 * block + 100)                  # a short tail block too
+    for i in (3, 4, 5, 40):
+        data[i * block + 7] = 1
+    data[-1] = 2
+    out = tmp_path / "export"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT)
+    try:
+        write_nonzero(fd, bytes(data), 8 * block)
+        os.ftruncate(fd, 8 * block + len(data))
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == bytes(8 * block) + bytes(data)
+    allocated = [off for off in range(0, out.stat().st_size, block)
+                 if _data_at(out, off)]
+    assert allocated == [(8 + i) * block for i in (3, 4, 5, 40, 64)]
+
+
+def _data_at(path, off: int) -> bool:
+    """Is the 4 KiB block at ``off`` allocated (SEEK_DATA lands on it)?"""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, off, os.SEEK_DATA) == off
+    except OSError:          # ENXIO: only holes from off to the end
+        return False
+    finally:
+        os.close(fd)
