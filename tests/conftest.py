@@ -105,6 +105,12 @@ def store_name(request) -> str:
 
 
 @pytest.fixture
+def store_cluster(store_name, request):
+    """The Ceph cluster behind the ``rbd`` store under test; None for the home's files."""
+    return request.getfixturevalue("ceph_cluster") if store_name == "rbd" else None
+
+
+@pytest.fixture
 def store_args(store_name, request, tmp_path):
     """``disk create`` arguments for each store in turn: call it with the test's CLI
     runner (for ``rbd`` it adds the store ``ceph`` to that home, reached as a cephx user

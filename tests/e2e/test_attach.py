@@ -31,6 +31,7 @@ from support.env import (
 from support.nbdkit import import_libnbd
 from support.prereq import require_tools
 from support.serve import start_serve
+from support.stored import container_file
 from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -41,7 +42,7 @@ MiB = 2**20
 # -- 1 and 3: mkfs, mount, files, detach, re-attach, verify, fsck ---------------------
 
 @pytest.mark.parametrize("encrypted,sector", [(True, "4096"), (False, "4096"), (True, "512")])
-def test_filesystem_roundtrip(env, encrypted, sector, store_name, store_args, request):
+def test_filesystem_roundtrip(env, encrypted, sector, store_name, store_args, store_cluster):
     require_tools("mkfs.ext4", "e2fsck", "blockdev")
     enc = [] if encrypted else ["--no-encrypted"]
     env.create("fs", "512M", "--sector-size", sector, *enc, *store_args(env.cli))
@@ -76,8 +77,8 @@ def test_filesystem_roundtrip(env, encrypted, sector, store_name, store_args, re
     where = env.json("disk", "show", "fs")["path"]
     env.cli("disk", "delete", "fs")
     assert env.json("disk", "list") == []
-    if store_name == "rbd":
-        assert where.split("/", 1)[1] not in request.getfixturevalue("ceph_cluster").images()
+    if store_cluster is not None:
+        assert where.split("/", 1)[1] not in store_cluster.images()
     else:
         assert not Path(where).exists()
 
@@ -85,16 +86,15 @@ def test_filesystem_roundtrip(env, encrypted, sector, store_name, store_args, re
 # -- 2 and 3: what the container file holds ---------------------------------------------
 
 @pytest.mark.parametrize("encrypted", [True, False])
-def test_file_holds_ciphertext_or_plaintext(env, encrypted, store_name, store_args, request):
+def test_file_holds_ciphertext_or_plaintext(env, encrypted, store_args, store_cluster):
     env.create("raw", "64M", *([] if encrypted else ["--no-encrypted"]), *store_args(env.cli))
     pattern = os.urandom(MiB)                  # known to the test, 256 distinct 4 KiB pieces
     offset = 8 * MiB
     dev = env.attach("raw")["device"]
     dd_write(dev, pattern, offset)
     env.detach("raw")
-    path = env.json("disk", "show", "raw")["path"]
-    if store_name == "rbd":    # `rbd export` of the image is a container file (FORMAT.md)
-        path = request.getfixturevalue("ceph_cluster").export(path, env.tmp / "raw.bcd")
+    # the file, or an `rbd export` of the image (a container file: FORMAT.md F-42)
+    path = container_file(env.home, "disks", "raw", cluster=store_cluster, scratch=env.tmp)
     header = container.read_header(path)
     pieces = [pattern[i:i + 4096] for i in range(0, MiB, 4096)]
     extents = read_allocated(path)

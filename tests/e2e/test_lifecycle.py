@@ -24,6 +24,7 @@ from blockcrypt.system import quiesce
 from support.cli import run_cli
 from support.env import container_dk, container_path
 from support.prereq import require_block_devices, require_tools
+from support.stored import container_file
 from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -61,6 +62,11 @@ class Env:
 
     def path(self, table: str, name: str) -> Path:
         return container_path(self.home, table, name)
+
+    def container(self, name: str, cluster=None) -> Path:
+        """Disk ``name``'s container: its file, or with the Ceph ``cluster`` of its RBD
+        store an `rbd export` of its image."""
+        return container_file(self.home, "disks", name, cluster=cluster, scratch=self.tmp)
 
     def dk(self, path: Path) -> bytes:
         dk = container_dk(self.home, self.pf, path)
@@ -132,16 +138,8 @@ def _logged(log: Path) -> list[str]:
     return [line for line in log.read_text().split("\n") if line] if log.exists() else []
 
 
-def _container(env, name: str, store_name: str, request) -> Path:
-    """The container of disk ``name``: its file, or an `rbd export` of its image."""
-    if store_name == "file":
-        return env.path("disks", name)
-    return request.getfixturevalue("ceph_cluster").export(
-        env.json("disk", "show", name)["path"], env.tmp / f"{name}.bcd")
-
-
-def test_snapshot_while_mounted_under_concurrent_writer(env, tmp_path, store_args, store_name,
-                                                        request):
+def test_snapshot_while_mounted_under_concurrent_writer(env, tmp_path, store_args,
+                                                        store_cluster):
     env.cli("disk", "create", "src", "--size", "256M", *store_args(env.cli))
     dev = env.attach("src")
     subprocess.run(["mkfs.ext4", "-q", dev], check=True)
@@ -167,8 +165,8 @@ def test_snapshot_while_mounted_under_concurrent_writer(env, tmp_path, store_arg
     env.cli("disk", "detach", "src")
 
     env.cli("disk", "create", "restored", "--from-snapshot", "live")
-    assert env.dk(_container(env, "restored", store_name, request)) == \
-        env.dk(_container(env, "src", store_name, request))
+    assert env.dk(env.container("restored", store_cluster)) == \
+        env.dk(env.container("src", store_cluster))
     dev2 = env.attach("restored")
     mnt2 = env.mount(dev2, "restored")          # replays the journal, as after a power cut
     present = set(os.listdir(mnt2))
@@ -274,7 +272,7 @@ def _populate(root: Path) -> None:
     os.setxattr(root / "docs" / "readme.txt", "user.origin", b"demo")
 
 
-def test_disk_copy_both_directions(env, store_name, store_args, request):
+def test_disk_copy_both_directions(env, store_args, store_cluster):
     """enc (a file) -> plain (in the store of the parameter) -> enc2 (a file): with the
     rbd store, files go from a file disk to a disk on Ceph and back."""
     require_tools("rsync", "blkid")
@@ -308,8 +306,5 @@ def test_disk_copy_both_directions(env, store_name, store_args, request):
         env.cli("disk", "detach", name)
     # The plain disk's file holds the plaintext; the encrypted ones do not.
     needle = b"blockcrypt disk copy test"
-    plain = env.path("disks", "plain") if store_name == "file" else \
-        request.getfixturevalue("ceph_cluster").export(
-            env.json("disk", "show", "plain")["path"], env.tmp / "plain.bcd")
-    assert needle in plain.read_bytes()
+    assert needle in env.container("plain", store_cluster).read_bytes()
     assert needle not in env.path("disks", "enc2").read_bytes()

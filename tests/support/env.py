@@ -19,6 +19,7 @@ from blockcrypt.storage.home import Home
 from blockcrypt.system import devices, proc
 
 from .cli import run_cli
+from .stored import catalog_ref
 
 MiB = 2**20
 
@@ -97,20 +98,16 @@ def open_store(home: Path, passphrase_file: Path) -> KeyStore:
 
 def container_path(home: Path, table: str, name: str) -> Path:
     """The container file the catalog records for the disk or snapshot ``name``
-    (``table``: ``disks`` or ``snapshots``)."""
-    conn = sqlite3.connect(home / "blockcrypt.db")
-    try:
-        row = conn.execute(f"SELECT path FROM {table} WHERE name = ?", (name,)).fetchone()
-    finally:
-        conn.close()
-    assert row is not None, f"no {table} row named {name!r}"
-    return home / row[0]
+    (``table``: ``disks`` or ``snapshots``) in the home's file store."""
+    return home / catalog_ref(home, table, name)
 
 
-def container_dk(home: Path, passphrase_file: Path, path: Path) -> bytes | None:
-    """A container's data key, unwrapped through ``home``'s key store as the test's own
-    check of what blockcrypt wrote; None for an unencrypted container."""
-    h = container.read_header(path)
+def container_dk(home: Path, passphrase_file: Path,
+                 path: Path | container.Header) -> bytes | None:
+    """A container's data key (``path``: its file, or its header), unwrapped through
+    ``home``'s key store as the test's own check of what blockcrypt wrote; None for an
+    unencrypted container."""
+    h = path if isinstance(path, container.Header) else container.read_header(path)
     if not h.encrypted:
         return None
     with open_store(home, passphrase_file) as store:
