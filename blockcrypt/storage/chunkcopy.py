@@ -34,9 +34,16 @@ DIRECT_ALIGN = 4096
 # waits little
 DIRECT_PIECE_BYTES = 256 * 1024
 # Test-only (passed on by nbd/launch.py, and read by snapshot create itself):
-# seconds the background copier waits after each chunk.
+# seconds the background copier waits after each chunk, ``S``, or ``S:FILE`` to
+# wait only until FILE exists (a test lifts the delay once the copy has been slow
+# for as long as it needed).
 TESTONLY_DELAY_ENV = "BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S"
-_TEST_DELAY_S = float(os.environ.get(TESTONLY_DELAY_ENV) or 0)
+_delay, _, _TEST_DELAY_UNTIL = (os.environ.get(TESTONLY_DELAY_ENV) or "0").partition(":")
+_TEST_DELAY_S = float(_delay)
+
+
+def _test_delay_lifted() -> bool:
+    return bool(_TEST_DELAY_UNTIL) and os.path.exists(_TEST_DELAY_UNTIL)
 
 
 def handoff_socket(snapshots_dir: str, disk_id: str) -> str:
@@ -156,7 +163,7 @@ class CowCopy:
     def step(self, index: int) -> None:
         """The background copier's work on chunk index (a hole costs one
         ``SEEK_DATA``), slowed down by the test-only delay."""
-        if self.copy_chunk(index) and _TEST_DELAY_S:
+        if self.copy_chunk(index) and _TEST_DELAY_S and not _test_delay_lifted():
             self.stopped.wait(_TEST_DELAY_S)
 
     def run(self) -> None:

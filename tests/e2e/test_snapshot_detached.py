@@ -26,14 +26,14 @@ from blockcrypt.testing.crashpoints import ENV_STOP_AT
 
 from support import procstate
 from support.cli import REPO
-from support.env import Env, dd_read, dd_write
+from support.env import Env, dd_read, dd_write, slow_copy
 from support.prereq import require_block_devices
 from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 MiB = 1024 * 1024
-SLOW = {"BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S": "0.2"}
+DELAY_S = 0.2          # per copied chunk, until the test has written into the copy
 OLD = bytes(range(256)) * (16 * MiB // 256)          # written before the snapshot
 NEW = b"\xa5" * (16 * MiB)                           # written after the attach
 
@@ -65,7 +65,9 @@ def _check_snapshot_is_the_instant(e: Env, snap: str) -> None:
 @pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
 def test_attach_during_a_detached_snapshot_on_ext4(env, encrypted):
     _prepare(env, *([] if encrypted else ["--no-encrypted"]))
-    p = _popen_cli(env, "snapshot", "create", "d", "s", "--json", env=SLOW)
+    lifted = env.tmp / "lifted"
+    slow = slow_copy(DELAY_S, lifted)
+    p = _popen_cli(env, "snapshot", "create", "d", "s", "--json", env=slow)
 
     def copying():
         s = json.loads(env.cli("snapshot", "show", "s", "--json", check=False).stdout
@@ -73,12 +75,13 @@ def test_attach_during_a_detached_snapshot_on_ext4(env, encrypted):
         return s.get("state") == "copying" and s["percent"] > 0
     wait_for(copying, 60, "the detached snapshot to be copying")
     started = time.monotonic()
-    dev = json.loads(env.cli("disk", "attach", "d", "--json", env=SLOW).stdout)["device"]
+    dev = json.loads(env.cli("disk", "attach", "d", "--json", env=slow).stdout)["device"]
     attach_s = time.monotonic() - started
     # attached while the copy runs (it takes 32 chunks x 0.2 s and more)
     assert env.json("snapshot", "show", "s")["state"] == "copying", attach_s
     dd_write(dev, NEW, 128 * MiB)       # not copied yet: the server copies it first
     dd_write(dev, NEW, 200 * MiB)       # a hole at the instant
+    lifted.touch()                      # the rest of the copy at full speed
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err.decode()
     snap = json.loads(out)

@@ -38,7 +38,7 @@ from blockcrypt.testing.crashpoints import ENV_CRASH_LIST, ENV_STOP_AT
 
 from support import procstate
 from support.cli import REPO
-from support.env import Env, container_dk, dd_read, dd_write
+from support.env import Env, container_dk, dd_read, dd_write, slow_copy
 from support.prereq import require_block_devices
 from support.wait import wait_for
 
@@ -46,13 +46,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 MiB = 1024 * 1024
 REGION = 24 * MiB                     # the data the snapshots hold (all allocated)
-SLOW = {"BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S": "0.2"}
+DELAY_S = 0.2                         # per copied chunk, until the test lifts it
 BEFORE_COPY = ("snapshot.locked", "snapshot.background")
 
 
 class Detached:
-    def __init__(self, e: Env):
+    def __init__(self, e: Env, scratch: Path):
         self.e = e
+        self.scratch = scratch
+        self.lifted = scratch / "lifted-probe"   # exists: the copy goes at full speed
         e.create("d", "64M")
         self.image = bytearray(os.urandom(REGION))      # what the disk holds now
         dev = e.attach("d")["device"]
@@ -68,12 +70,22 @@ class Detached:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, env={**os.environ, **env}, cwd=REPO)
 
+    def slow(self) -> dict:
+        """The copy slowed (test-only knob) until :meth:`lift`."""
+        return slow_copy(DELAY_S, self.lifted)
+
+    def lift(self) -> None:
+        """Let the current snapshot's copy run at full speed: the windows the test
+        needed (an attach taking the copy over, a write into it) are behind it."""
+        self.lifted.touch()
+
     def create(self, name: str, env: dict) -> subprocess.Popen:
         self.expected[name] = bytes(self.image)
-        return self.cli("snapshot", "create", "d", name, "--json", env={**SLOW, **env})
+        self.lifted = self.scratch / f"lifted-{name}"
+        return self.cli("snapshot", "create", "d", name, "--json", env={**self.slow(), **env})
 
     def attach(self) -> subprocess.Popen:
-        return self.cli("disk", "attach", "d", "--json", env=SLOW)
+        return self.cli("disk", "attach", "d", "--json", env=self.slow())
 
     def copying(self, name: str) -> bool:
         cp = self.e.cli("snapshot", "show", name, "--json", check=False)
@@ -123,7 +135,7 @@ def det(home, passphrase_file, tmp_path):
     require_block_devices()
     e = Env(home, passphrase_file, tmp_path)
     try:
-        yield Detached(e)
+        yield Detached(e, tmp_path)
     finally:
         e.cleanup()
 
@@ -141,6 +153,7 @@ def test_snapshot_of_detached_disk_attached_meanwhile_killed_at_every_step(det, 
     a = det.attach()
     det.dev = json.loads(a.communicate(timeout=120)[0])["device"]
     det.write(REGION - MiB)                         # the last chunk: not copied yet
+    det.lift()
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err.decode()
     assert json.loads(out)["copied_before_write_bytes"] >= MiB  # the server copied it first
@@ -160,14 +173,14 @@ def test_snapshot_of_detached_disk_attached_meanwhile_killed_at_every_step(det, 
             else:
                 wait_for(lambda: det.copying(name), 120, f"{name} to copy")
                 a = det.attach()        # its server takes the copy over
-                wait_for(lambda: p.poll() is not None or procstate.stopped(p.pid), 120,
-                         f"snapshot create to reach {step}")
-            assert p.poll() is None, (step, p.communicate())
-            if step not in BEFORE_COPY:
                 out, _err = a.communicate(timeout=120)
                 assert a.returncode == 0, _err.decode()
                 det.dev = json.loads(out)["device"]
                 det.write()             # acknowledged while the copy is the server's
+                det.lift()
+                wait_for(lambda: p.poll() is not None or procstate.stopped(p.pid), 120,
+                         f"snapshot create to reach {step}")
+            assert p.poll() is None, (step, p.communicate())
             if victim in ("server", "both"):
                 if step == "snapshot.locked":   # the attach waits for the lock: no nbdkit
                     wait_for(lambda: det.e.rows("attachments"), 60, "the attach to claim")
@@ -182,6 +195,7 @@ def test_snapshot_of_detached_disk_attached_meanwhile_killed_at_every_step(det, 
                     wait_for(lambda: procstate.dead(pid), 30, "the server to die")
             if victim in ("cli", "both"):
                 os.kill(p.pid, signal.SIGKILL)
+            det.lift()
             os.kill(p.pid, signal.SIGCONT)
             _finish(p)
             if victim == "server":      # a server that died holding the copy: none
