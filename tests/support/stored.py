@@ -43,6 +43,17 @@ def container_file(home: Path, table: str, name: str, *, cluster=None,
     return cluster.export(ref, scratch / f"{table}-{name}-{next(_exports)}.bcd")
 
 
+def allocated_bytes(home: Path, table: str, name: str, cluster=None) -> int:
+    """What disk or snapshot ``name`` occupies: its file's blocks, or what `rbd du`
+    reports as used by its image (or image snapshot)."""
+    ref = catalog_ref(home, table, name)
+    if not is_rbd(ref):
+        return (home / ref).stat().st_blocks * 512
+    spec = f"{cluster.pool}/{ref.split('/', 1)[1]}"
+    du = json.loads(cluster.rbd("du", "--format", "json", spec).stdout)
+    return sum(i["used_size"] for i in du["images"])
+
+
 def open_disk_volume(home: Path, name: str, *, read_only: bool) -> Volume:
     """The volume of disk ``name`` as the plugin opens it: a FileVolume, or an RbdVolume
     through the store's recorded cephx user (taking the image's lock to write)."""
