@@ -272,6 +272,7 @@ class LifecycleService:
                                         f"{', '.join(clones)}; delete them first")
             doomed = self.store.doom(path)
             self.conn.execute("DELETE FROM snapshots WHERE id = ?", (row["id"],))
+            crashpoint("snapshot-delete.in-txn")
         crashpoint("snapshot-delete.after-commit")
         self.store.remove(doomed)
         return {"name": row["name"], "id": row["id"], "deleted": True}

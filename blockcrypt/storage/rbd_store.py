@@ -410,7 +410,15 @@ class RbdStore(Store[RbdLoc]):
             if children:
                 raise errors.StateError(detail=f"{final.owner} has clones: "
                                         f"{', '.join(children)}; delete those disks first")
-            return final
+            doomed = RbdLoc(final.store, final.image, f"{final.snap}{DELETED_MARK}{host_name()}",
+                            owner=final.owner)
+            try:
+                with self.image(final.named(final.image)) as img:
+                    if final.snap in [s["name"] for s in img.list_snaps()]:
+                        img.rename_snap(final.snap, doomed.snap)
+            except errors.ImageMissing:
+                pass                    # nothing left to remove: drop the row
+            return doomed
         names = self._snaps_or_empty(final)
         if names:
             raise errors.StateError(detail=f"{final.owner} has RBD snapshots: "
@@ -454,13 +462,27 @@ class RbdStore(Store[RbdLoc]):
 
     def _recover_snapshots(self, conn: sqlite3.Connection) -> list[str]:
         """Snapshots staged by this host's dead processes on the images of this store's
-        disks: published if their row committed, removed otherwise."""
+        disks: published if their row committed, removed otherwise; and snapshots this
+        host doomed: removed if their delete committed, renamed back otherwise."""
         host, actions = host_name(), []
         prefix = f"{REF_PREFIX}{self.cfg.name}/"
         for (ref,) in conn.execute("SELECT path FROM disks WHERE path LIKE ?",
                                    (prefix + "%",)).fetchall():
             disk = self.locate(ref)
-            staged = [n for n in self._snaps_or_empty(disk) if f"{TMP_MARK}{host}-" in n]
+            snaps = self._snaps_or_empty(disk)
+            for name in [n for n in snaps if n.endswith(f"{DELETED_MARK}{host}")]:
+                final = RbdLoc(disk.store, disk.image, name.split(DELETED_MARK, 1)[0])
+                with db.write_txn(conn):   # a delete still in its transaction ends first
+                    row = conn.execute("SELECT 1 FROM snapshots WHERE id = ? AND path = ?",
+                                       (final.snap, str(final))).fetchone()
+                    if row is not None:
+                        with self.image(disk) as img:
+                            img.rename_snap(name, final.snap)
+                        actions.append(f"restored {final} (delete did not commit)")
+                    else:
+                        self.remove(RbdLoc(disk.store, disk.image, name))
+                        actions.append(f"removed deleted {disk}@{name}")
+            staged = [n for n in snaps if f"{TMP_MARK}{host}-" in n]
             for name in staged:
                 if not _abandoned(name):
                     continue
