@@ -14,6 +14,8 @@ import subprocess
 
 import pytest
 
+from blockcrypt import errors
+
 from support.env import sha256
 from support.prereq import require_tools
 
@@ -55,11 +57,11 @@ def _grow_fs_and_check(env, dev: str, hashes: dict[str, str], size_bytes: int) -
     assert fsck.returncode == 0, fsck.stdout.decode() + fsck.stderr.decode()
 
 
-def _mounted_64m_disk_with_files(env, encrypted: bool):
-    """Disk g (64 MiB) attached, formatted ext4 and mounted, holding write_files:
-    ``(device, mount point, the files' hashes)``."""
+def _mounted_64m_disk_with_files(env, encrypted: bool, *where: str):
+    """Disk g (64 MiB, in the store ``where`` names) attached, formatted ext4 and
+    mounted, holding write_files: ``(device, mount point, the files' hashes)``."""
     require_tools("mkfs.ext4", "e2fsck", "resize2fs", "blockdev")
-    env.create("g", "64M", *([] if encrypted else ["--no-encrypted"]))
+    env.create("g", "64M", *([] if encrypted else ["--no-encrypted"]), *where)
     dev = env.attach("g")["device"]
     subprocess.run(["mkfs.ext4", "-q", dev], check=True, capture_output=True)
     mp = env.mount(dev)
@@ -89,8 +91,8 @@ def test_resize_attached_and_mounted_then_reattach(env, encrypted):
 
 
 @pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
-def test_resize_detached_then_attach(env, encrypted):
-    dev, mp, hashes = _mounted_64m_disk_with_files(env, encrypted)
+def test_resize_detached_then_attach(env, encrypted, store_args):
+    dev, mp, hashes = _mounted_64m_disk_with_files(env, encrypted, *store_args(env.cli))
     env.umount(mp)
     env.detach("g")
 
@@ -103,9 +105,19 @@ def test_resize_detached_then_attach(env, encrypted):
     env.detach("g")
 
 
-def test_resize_attached_message_says_to_reattach(env):
-    env.create("m", "32M")
+def test_resize_attached_message_says_to_reattach(env, store_name, store_args):
+    env.create("m", "32M", *store_args(env.cli))
     env.attach("m")
+    if store_name == "rbd":
+        # only the lock owner may write an image's header (FORMAT.md F-40): refused,
+        # saying what to do, and nothing changed
+        msg = env.refused(errors.StateError, "disk", "resize", "m", "--size", "64M")
+        assert "'m'" in msg and "detach" in msg, msg
+        assert env.json("disk", "show", "m")["size_bytes"] == 32 * MiB
+        assert not any((env.home / "run" / ".resizes").glob("*"))
+        env.detach("m")
+        assert env.json("disk", "resize", "m", "--size", "64M")["size_bytes"] == 64 * MiB
+        return
     text = env.cli("disk", "resize", "m", "--size", "64M").stdout.decode()
     assert "still shows 32 MiB" in text
     assert "blockcrypt disk detach m" in text and "blockcrypt disk attach m" in text
