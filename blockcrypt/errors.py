@@ -442,7 +442,7 @@ class PoolMissing(StorageError):
 
 
 class DiskHeld(StorageError):
-    """disk {name!r} is served by another host ({holder}); detach it there first, or if that server is dead, take it over with `blockcrypt disk attach {name} --break-lock`"""
+    """disk {name!r} is {state} ({holder}); {next_step}"""
     exit_code = 98
 
 

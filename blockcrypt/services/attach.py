@@ -61,6 +61,7 @@ from .. import errors
 from ..constants import utc_timestamp
 from ..storage import catalog, db
 from ..storage.home import ensure_private_dir
+from ..storage.rbd_image import held_error
 from ..system import devices, proc, quiesce
 from ..testing.crashpoints import crashpoint
 from . import runtime
@@ -251,7 +252,7 @@ class Attachments:
         params = disks.volume_params(disk, break_lock=break_lock and not read_only)
         holder = disks.holder(disk) if params is not None and not read_only else None
         if holder is not None and not break_lock:
-            raise errors.DiskHeld(name=name, holder=holder)
+            raise held_error(name, holder)
         dk = None
         try:
             # Claim first, then unwrap: of many concurrent attaches, the losers

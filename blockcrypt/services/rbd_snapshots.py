@@ -33,6 +33,7 @@ from .. import errors
 from ..constants import utc_timestamp
 from ..storage import catalog, db
 from ..storage.header import ID_BYTES
+from ..storage.rbd_image import held_error
 from ..storage.rbd_store import RbdLoc
 from ..system import fsfreeze
 from ..testing.crashpoints import crashpoint
@@ -160,7 +161,7 @@ def reset(svc: LifecycleService, disk: sqlite3.Row, snap: sqlite3.Row) -> dict:
             raise svc.disks.in_use_error(disk["name"], att)
         holder = svc.disks.holder(disk)
         if holder is not None:
-            raise errors.DiskHeld(name=disk["name"], holder=holder)
+            raise held_error(disk["name"], holder)
         crashpoint("reset.before-swap")
         svc.store.named(path.store).rollback(snap_loc)
     header = svc.store.read_header(path, repair=False)

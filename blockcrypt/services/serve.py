@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from .. import errors, names
 from ..storage import catalog, db
 from ..storage.home import check_secret_mode, ensure_private_dir
+from ..storage.rbd_image import held_error
 from . import runtime
 from .runtime import CONTROL_SOCKET, SERVE
 
@@ -194,7 +195,7 @@ def serve(disks: DiskService, name: str, *, unix_path: Path | None = None,
     header = disks.read_header(disk)
     holder = None if read_only else disks.holder(disk)
     if holder is not None:
-        raise errors.DiskHeld(name=name, holder=holder)
+        raise held_error(name, holder)
     if header.encrypted:
         disks.keys.check_usable(header.cmk_id)
     where = str(unix_path) if unix_path is not None else f"tcp:{tcp}"

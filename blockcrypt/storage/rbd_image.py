@@ -17,6 +17,7 @@ attach --break-lock``) does, and Ceph then blocklists the old client.
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 from .. import errors
@@ -81,6 +82,28 @@ def holder_of(image) -> str:
         return f"Ceph client {owners[0]['owner']}" if owners else "unknown"
 
 
+def _gone_from_this_host(holder: str) -> bool:
+    """Whether a holder record (:func:`holder_text`) names a process of this host
+    that no longer runs."""
+    m = re.fullmatch(r"host (.+), home (.+), pid (\d+)", holder)
+    return m is not None and m[1] == socket.gethostname() and \
+        not os.path.exists(f"/proc/{m[3]}")
+
+
+def held_error(disk: str, holder: str) -> errors.DiskHeld:
+    """DiskHeld for ``disk``: served elsewhere, or locked by a dead server of this
+    host, whose lock stays too (F-41) and is taken over explicitly."""
+    take_over = f"`blockcrypt disk attach {disk} --break-lock`"
+    if _gone_from_this_host(holder):
+        return errors.DiskHeld(
+            name=disk, holder=holder,
+            state="still locked by a server of this host that is no longer running",
+            next_step=f"a lock is never broken implicitly: take the disk over with {take_over}")
+    return errors.DiskHeld(name=disk, holder=holder, state="served by another server",
+                           next_step="detach it there first, or if that server is dead, "
+                                     f"take it over with {take_over}")
+
+
 def take_lock(cfg: StoreConfig, image, *, disk: str, home: str | None,
               break_lock: bool = False) -> str | None:
     """Acquire the image's exclusive lock for serving ``disk``, or DiskHeld.
@@ -94,14 +117,14 @@ def take_lock(cfg: StoreConfig, image, *, disk: str, home: str | None,
         if owners:
             holder = holder_of(image)
             if not break_lock:
-                raise errors.DiskHeld(name=disk, holder=holder)
+                raise held_error(disk, holder)
             for o in owners:
                 image.lock_break(o["mode"], o["owner"])
             displaced = holder
         try:
             image.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
         except (rbd.ReadOnlyImage, rbd.ImageBusy):
-            raise errors.DiskHeld(name=disk, holder=holder_of(image)) from None
+            raise held_error(disk, holder_of(image)) from None
         image.metadata_set(HOLDER_KEY, holder_text(home))
     except rbd.Error as exc:
         raise ceph_error(cfg, exc, image=image.get_name(), owner=f"disk {disk!r}") from None

@@ -231,8 +231,20 @@ def test_attach_refused_when_header_tampered(env):
 
 # -- stale attachments ---------------------------------------------------------------------------
 
-def test_kill9_nbdkit_then_list_cleans_and_reattach_works(env):
-    env.create("crash", "256M")
+def _take_over_if_locked(env, name: str, store_name: str, nbdkit_pid: int) -> tuple:
+    """attach after its server was killed: a file disk attaches; an RBD disk's lock
+    stays with the dead server (FORMAT.md F-41), so attach is refused saying so and
+    ``--break-lock`` takes it over.  Returns attach's extra arguments."""
+    if store_name == "file":
+        return ()
+    msg = env.refused(errors.DiskHeld, "disk", "attach", name)
+    assert "no longer running" in msg and f"pid {nbdkit_pid}" in msg, msg
+    assert f"blockcrypt disk attach {name} --break-lock" in msg, msg
+    return ("--break-lock",)
+
+
+def test_kill9_nbdkit_then_list_cleans_and_reattach_works(env, store_name, store_args):
+    env.create("crash", "256M", *store_args(env.cli))
     d = env.attach("crash")
     subprocess.run(["mkfs.ext4", "-q", d["device"]], check=True, capture_output=True)
     mp = env.mount(d["device"])
@@ -251,7 +263,7 @@ def test_kill9_nbdkit_then_list_cleans_and_reattach_works(env):
     assert env.rows("attachments") == []
     assert not (env.home / "run" / "crash" / "nbd.sock").exists()
     assert proc.find_processes("nbdfuse", f"{env.home / 'run' / 'crash'}/") == []
-    d = env.attach("crash")
+    d = env.attach("crash", *_take_over_if_locked(env, "crash", store_name, d["nbdkit_pid"]))
     mp = env.mount(d["device"])                                 # replays the journal
     assert (mp / "durable").read_bytes() == b"x" * 100000
     env.umount(mp)
@@ -260,12 +272,13 @@ def test_kill9_nbdkit_then_list_cleans_and_reattach_works(env):
     env.detach("crash")
 
 
-def test_kill9_nbdkit_then_attach_and_detach_clean(env):
-    env.create("k9", "64M")
+def test_kill9_nbdkit_then_attach_and_detach_clean(env, store_name, store_args):
+    env.create("k9", "64M", *store_args(env.cli))
     d = env.attach("k9")
     os.kill(d["nbdkit_pid"], signal.SIGKILL)
     proc.wait_gone(d["nbdkit_pid"], "nbdkit", None, 5)
-    d2 = env.attach("k9")                  # attach cleans the stale attachment itself
+    # attach cleans the stale attachment itself
+    d2 = env.attach("k9", *_take_over_if_locked(env, "k9", store_name, d["nbdkit_pid"]))
     assert d2["nbdkit_pid"] != d["nbdkit_pid"]
     os.kill(d2["nbdkit_pid"], signal.SIGKILL)
     proc.wait_gone(d2["nbdkit_pid"], "nbdkit", None, 5)
