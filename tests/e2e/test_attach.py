@@ -111,9 +111,9 @@ def test_file_holds_ciphertext_or_plaintext(env, encrypted, store_args, store_cl
     env.detach("raw")
 
 
-def test_read_only_attach_refuses_writes(env):
+def test_read_only_attach_refuses_writes(env, store_args):
     require_tools("blockdev")
-    env.create("ro", "64M")
+    env.create("ro", "64M", *store_args(env.cli))
     dev = env.attach("ro")["device"]
     dd_write(dev, b"\x5a" * 4096, 0)
     env.detach("ro")
@@ -130,13 +130,18 @@ def test_read_only_attach_refuses_writes(env):
 
 # -- 5: the DK appears nowhere it must not ------------------------------------------------
 
-def test_data_key_not_in_argv_environ_files_or_log(env):
-    env.create("sec", "64M")
+def test_data_key_not_in_argv_environ_files_or_log(env, store_args, store_cluster):
+    """... nor, on RBD, the cephx key of the store's user (only its keyring's path
+    reaches nbdkit)."""
+    env.create("sec", "64M", *store_args(env.cli))
     d = env.attach("sec")
-    dk = env.data_key("sec")
+    dk = env.data_key("sec", store_cluster)
     assert len(dk) == 64
     needles = [dk, dk[:32], dk[32:], dk.hex().encode(), dk.hex().upper().encode(),
                dk[:32].hex().encode(), dk[32:].hex().encode()]
+    if store_cluster is not None:
+        keyring = Path(env.json("store", "show", "ceph")["keyring"]).read_text()
+        needles.append(keyring.split("key = ", 1)[1].split()[0].encode())
 
     def clean(blob: bytes, what: str) -> None:
         for n in needles:

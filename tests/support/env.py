@@ -19,7 +19,7 @@ from blockcrypt.storage.home import Home
 from blockcrypt.system import devices, proc
 
 from .cli import run_cli
-from .stored import catalog_ref
+from .stored import catalog_ref, container_file
 
 MiB = 2**20
 
@@ -73,10 +73,12 @@ class Env:
     def store(self) -> KeyStore:
         return open_store(self.home, self.passphrase_file)
 
-    def data_key(self, name: str) -> bytes:
-        """The disk's DK, unwrapped here through the key store (the test knows it)."""
+    def data_key(self, name: str, cluster=None) -> bytes:
+        """The disk's DK, unwrapped here through the key store (the test knows it);
+        ``cluster``: the Ceph cluster of its RBD store, if it has one."""
         return container_dk(self.home, self.passphrase_file,
-                            Path(self.json("disk", "show", name)["path"]))
+                            container_file(self.home, "disks", name, cluster=cluster,
+                                           scratch=self.tmp))
 
     def rows(self, table: str) -> list:
         conn = sqlite3.connect(self.home / "blockcrypt.db")
