@@ -258,6 +258,9 @@ def delete_cmd(app: App, name):
 @click.option("--wait", "wait_s", type=click.FloatRange(0, 3600), default=0.0,
               help="With --all-persistent: seconds to keep retrying, with backoff, disks whose "
                    "key provider (e.g. an HSM) is not reachable yet.")
+@click.option("--network/--local", "network", default=None,
+              help="With --all-persistent: only the disks that need the network (on Ceph, "
+                   "or under a KMIP key), or only the others (the two boot units).")
 @click.option("--force", is_flag=True,
               help="Attach even though a file system is still mounted from the device of "
                    "this disk's earlier server, which died (two devices would then serve "
@@ -268,10 +271,12 @@ def delete_cmd(app: App, name):
                    "Audited. Never use it while that server may still run.")
 @json_option
 @pass_app
-def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, wait_s, force,
-               break_lock):
+def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, wait_s, network,
+               force, break_lock):
     """Attach a disk as a local block device (root) and print the device path."""
     from ..services.boot import PersistentDisks, failures
+    if network is not None and not all_persistent:
+        raise click.UsageError("--network/--local go with --all-persistent")
     if all_persistent:
         if name or persistent or read_only or threads or force or break_lock:
             raise click.UsageError("--all-persistent takes no NAME, --persistent, --read-only, "
@@ -282,7 +287,8 @@ def attach_cmd(app: App, name, read_only, threads, persistent, all_persistent, w
                 for disk, why in sorted(disks.items()):
                     click.echo(f"waiting: disk {disk}: {why}; retrying in {retry_in:g} s",
                                err=True)
-            r = PersistentDisks(svc).attach_all(wait_s=wait_s, on_wait=waiting)
+            r = PersistentDisks(svc).attach_all(wait_s=wait_s, on_wait=waiting,
+                                                network=network)
         app.emit(r, "\n".join([f"attached disk {n}" for n in r["attached"]]
                               + [f"disk {n} was attached already" for n in r["already"]])
                  or "no persistent disks to attach")
@@ -322,16 +328,20 @@ def set_cmd(app: App, name, persistent, read_only):
 @click.option("--all", "all_", is_flag=True,
               help="Detach every attached disk (what the boot unit runs at shutdown); one "
                    "failing does not stop the others.")
+@click.option("--network/--local", "network", default=None,
+              help="With --all: only the disks that need the network, or only the others.")
 @json_option
 @pass_app
-def detach_cmd(app: App, name, all_):
+def detach_cmd(app: App, name, all_, network):
     """Detach an attached disk (refused while its device is mounted)."""
+    if network is not None and not all_:
+        raise click.UsageError("--network/--local go with --all")
     if all_:
         if name:
             raise click.UsageError("--all takes no NAME")
         from ..services.boot import PersistentDisks, failures
         with _service(app) as svc:
-            r = PersistentDisks(svc).detach_all()
+            r = PersistentDisks(svc).detach_all(network=network)
         app.emit(r, "\n".join(f"detached disk {n}" for n in r["detached"])
                  or "no attached disks")
         err = failures(r, "detached")

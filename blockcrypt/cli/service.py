@@ -88,17 +88,23 @@ def install_cmd(app: App, unit_dir: Path, passphrase_credential: Path | None, wa
     if passphrase_credential is not None:
         mounts.append(str(passphrase_credential.parent))
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)}
-    text = units.disks_unit(program=program, home=home, credential_file=passphrase_credential,
-                            wait_s=wait_s, mounts_for=mounts, environment=env)
     unit_dir.mkdir(parents=True, exist_ok=True)
-    path = unit_dir / units.UNIT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    paths = []
+    for unit_name, network in ((units.UNIT_NAME, False), (units.NET_UNIT_NAME, True)):
+        text = units.disks_unit(program=program, home=home,
+                                credential_file=passphrase_credential, wait_s=wait_s,
+                                mounts_for=mounts, environment=env, network=network)
+        path = unit_dir / unit_name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+        paths.append(path)
+    path = paths[0]
     enabled = False
     if unit_dir == SYSTEM_UNIT_DIR and _systemd_running():
-        for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", units.UNIT_NAME]):
+        for argv in (["systemctl", "daemon-reload"],
+                     ["systemctl", "enable", units.UNIT_NAME, units.NET_UNIT_NAME]):
             cp = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
             if cp.returncode != 0:
                 raise errors.CommandFailed(cmd=" ".join(argv), rc=cp.returncode,
@@ -108,13 +114,17 @@ def install_cmd(app: App, unit_dir: Path, passphrase_credential: Path | None, wa
         app.info(f"warning: persistent disks {', '.join(local_disks)} use local keys, which "
                  "need the store passphrase at boot; run again with "
                  "--passphrase-credential FILE, or they will not attach")
-    data = {"unit": str(path), "enabled": enabled, "persistent_disks_with_local_keys":
-            local_disks, "credential": str(passphrase_credential or "") or None}
-    next_step = ("enabled: it runs at the next boot (`systemctl start "
-                 f"{units.UNIT_NAME}` to run it now)" if enabled else
-                 f"next: `systemctl daemon-reload && systemctl enable {units.UNIT_NAME}`")
-    app.emit(data, f"wrote {path}\n{next_step}\nfstab entries on these disks need "
-                   f"x-systemd.requires={units.UNIT_NAME} (see README)")
+    data = {"unit": str(path), "network_unit": str(paths[1]), "enabled": enabled,
+            "persistent_disks_with_local_keys": local_disks,
+            "credential": str(passphrase_credential or "") or None}
+    both = f"{units.UNIT_NAME} {units.NET_UNIT_NAME}"
+    next_step = ("enabled: they run at the next boot (`systemctl start "
+                 f"{both}` to run them now)" if enabled else
+                 f"next: `systemctl daemon-reload && systemctl enable {both}`")
+    app.emit(data, f"wrote {path} and {paths[1]} (disks on Ceph or under KMIP keys, after "
+                   f"the network)\n{next_step}\nfstab entries on these disks need "
+                   f"x-systemd.requires={units.UNIT_NAME}, or _netdev,x-systemd.requires="
+                   f"{units.NET_UNIT_NAME} for disks that need the network (see README)")
 
 
 @service_group.command("uninstall")
@@ -123,12 +133,13 @@ def install_cmd(app: App, unit_dir: Path, passphrase_credential: Path | None, wa
 @json_option
 @pass_app
 def uninstall_cmd(app: App, unit_dir: Path):
-    """Disable and remove the boot unit (attached disks stay attached)."""
+    """Disable and remove the boot units (attached disks stay attached)."""
     path = unit_dir / units.UNIT_NAME
     if unit_dir == SYSTEM_UNIT_DIR and _systemd_running():
-        subprocess.run(["systemctl", "disable", units.UNIT_NAME], capture_output=True,
-                       stdin=subprocess.DEVNULL)
+        subprocess.run(["systemctl", "disable", units.UNIT_NAME, units.NET_UNIT_NAME],
+                       capture_output=True, stdin=subprocess.DEVNULL)
     removed = path.exists()
     path.unlink(missing_ok=True)
+    (unit_dir / units.NET_UNIT_NAME).unlink(missing_ok=True)
     app.emit({"unit": str(path), "removed": removed},
              f"removed {path}" if removed else f"{path} was not installed")

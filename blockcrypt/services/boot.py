@@ -8,7 +8,8 @@ the boot unit runs (``disk attach --all-persistent``) and
 attach_all tries every persistent disk that is not attached yet; one failing
 does not stop the others.  A disk whose key provider is unreachable (a token
 not plugged in yet, its daemon not up: :class:`~blockcrypt.errors.ProviderUnavailable`)
-is retried with exponential backoff (1 s doubling to 30 s) until ``wait_s`` has
+(or whose Ceph store does not answer yet) is retried with exponential backoff (1 s
+doubling to 30 s) until ``wait_s`` has
 passed, and ``on_wait`` is told which disks wait and why; any other failure is
 final at once.  The result lists what was attached and what failed; the caller
 turns failures into :class:`~blockcrypt.errors.SomeDisksFailed`.
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 from .. import errors
 from ..constants import utc_timestamp
 from ..storage import db, persistent
+from ..storage.stores import FILE_STORE, store_name_of
 
 if TYPE_CHECKING:
     from .disks import DiskService
@@ -61,12 +63,30 @@ class PersistentDisks:
     def names(self) -> list[str]:
         return [r["name"] for r in persistent.persistent_disks(self.conn)]
 
-    def attach_all(self, *, wait_s: float = 0.0, on_wait: Waiting | None = None) -> dict:
-        """Attach every persistent disk not attached yet (see the module doc).
+    def needs_network(self, name: str) -> bool:
+        """Whether disk ``name`` can only attach with the network up: it lives in a
+        Ceph store, or its key is in a KMIP key manager."""
+        d = self.disks.disk_row(name)           # the catalog only: no store is contacted
+        if store_name_of(d["path"]) != FILE_STORE:
+            return True
+        if not d["encrypted"]:
+            return False
+        provider = self.disks.keys.get_key(d["cmk_id"])["provider"]
+        return self.disks.keys.get_provider(provider)["type"] == "kmip"
+
+    def _selected(self, name: str, network: bool | None) -> bool:
+        return network is None or self.needs_network(name) == network
+
+    def attach_all(self, *, wait_s: float = 0.0, on_wait: Waiting | None = None,
+                   network: bool | None = None) -> dict:
+        """Attach every persistent disk not attached yet (see the module doc); with
+        ``network`` True or False, only those that need the network, or only the others
+        (the two boot units).
 
         Returns {"attached": [names], "already": [names], "failed": {name: message}}.
         """
-        rows = persistent.persistent_disks(self.conn)
+        rows = [r for r in persistent.persistent_disks(self.conn)
+                if self._selected(r["name"], network)]
         result: dict = {"attached": [], "already": [], "failed": {}}
         todo = []
         for row in rows:
@@ -82,7 +102,8 @@ class PersistentDisks:
                 try:
                     self.disks.attach(row["name"], read_only=bool(row["persistent_read_only"]))
                     result["attached"].append(row["name"])
-                except errors.ProviderUnavailable as e:
+                except (errors.ProviderUnavailable, errors.StoreUnreachable,
+                        errors.StoreNotAnswering) as e:
                     waiting[row["name"]] = e.message
                 except errors.BlockcryptError as e:
                     result["failed"][row["name"]] = e.message
@@ -101,12 +122,14 @@ class PersistentDisks:
             delay = min(delay * 2, BACKOFF_MAX_S)
         return result
 
-    def detach_all(self) -> dict:
+    def detach_all(self, *, network: bool | None = None) -> dict:
         """Detach every attached disk (block devices; `disk serve` servers are left to
-        their own process).  Returns {"detached": [...], "failed": {name: message}}."""
+        their own process); ``network`` as for :meth:`attach_all`.
+        Returns {"detached": [...], "failed": {name: message}}."""
         result: dict = {"detached": [], "failed": {}}
         for d in self.disks.list():
-            if d["state"] not in ("attached", "stale") or d["method"] == "serve":
+            if d["state"] not in ("attached", "stale") or d["method"] == "serve" or \
+                    not self._selected(d["name"], network):
                 continue
             try:
                 self.disks.detach(d["name"])

@@ -32,6 +32,7 @@ from support.wait import wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+NET_UNIT = "blockcrypt-netdisks.service"
 MiB = 2**20
 
 
@@ -81,9 +82,10 @@ def states(env) -> dict[str, str]:
 
 
 @pytest.fixture
-def boot(env, tmp_path):
-    """A home with disk `ld` under a local key and `hd` under a key in a SoftHSM2 token,
-    both persistent, detached, each holding a known pattern."""
+def boot(env, tmp_path, ceph_cluster):
+    """A home with disk `ld` under a local key, `hd` under a key in a SoftHSM2 token and
+    `rd` on an RBD store (it needs the network: the second unit's), all persistent,
+    detached, each holding a known pattern."""
     require_tools("systemd-analyze", "softhsm2-util", "dd")
     token = make_token(tmp_path / "hsm", label="boot-token")
     hsm_env = {"SOFTHSM2_CONF": str(token.conf)}
@@ -93,10 +95,14 @@ def boot(env, tmp_path):
     cli(*token.provider_args("hsm"))
     cli("key", "create", "--alias", "hk", "--provider", "hsm")
     cli("key", "create", "--alias", "lk")
+    keyring = ceph_cluster.add_client("boot", tmp_path / "boot.keyring")
+    cli("store", "add", "ceph", "--type", "rbd", "--conf", str(ceph_cluster.conf), "--pool",
+        ceph_cluster.pool, "--client-id", "boot", "--keyring", str(keyring))
     data = {}
-    for name, key in (("hd", "hk"), ("ld", "lk")):
-        cli("disk", "create", name, "--size", "64M", "--key", key)
-        extra = ["--persistent"] if name == "hd" else []
+    for name, where in (("hd", ["--key", "hk"]), ("ld", ["--key", "lk"]),
+                        ("rd", ["--no-encrypted", "--store", "ceph"])):
+        cli("disk", "create", name, "--size", "64M", *where)
+        extra = ["--persistent"] if name != "ld" else []
         dev = json.loads(cli("disk", "attach", name, *extra, "--json").stdout)["device"]
         data[name] = random.Random(name).randbytes(MiB)
         dd_write(dev, data[name], 4 * MiB)
@@ -127,14 +133,22 @@ def check_data(env, data, names):
 def test_generated_unit_passes_systemd_analyze_verify(boot):
     env, cli, data, units, _ = boot
     for path in units.values():
-        cp = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
-                            text=True)
-        assert cp.returncode == 0, cp.stderr
-        assert cp.stderr.strip() == "", cp.stderr
-        unit = read_unit(path)
+        for unit_path in (path, path.with_name(NET_UNIT)):
+            cp = subprocess.run(["systemd-analyze", "verify", str(unit_path)],
+                                capture_output=True, text=True)
+            assert cp.returncode == 0, cp.stderr
+            assert cp.stderr.strip() == "", cp.stderr
+        unit, net = read_unit(path), read_unit(path.with_name(NET_UNIT))
         assert unit["Before"] == ["local-fs.target shutdown.target"]
         assert unit["WantedBy"] == ["local-fs.target"]
-        assert unit["Environment"] == [f"SOFTHSM2_CONF={env_token_conf(unit)}"]
+        assert " --local " in unit["ExecStart"][0] and unit["ExecStop"][0].endswith("--local")
+        # disks on Ceph or under KMIP keys: after the network, like a _netdev volume
+        assert "network-online.target" in net["After"][0] and \
+            net["Wants"] == ["network-online.target"]
+        assert net["Before"] == ["remote-fs.target"] and net["WantedBy"] == ["remote-fs.target"]
+        assert " --network " in net["ExecStart"][0] and net["ExecStop"][0].endswith("--network")
+        for u in (unit, net):
+            assert u["Environment"] == [f"SOFTHSM2_CONF={env_token_conf(u)}"]
     assert "LoadCredential" not in read_unit(units["hsm-only"])
     # The check is real: a unit systemd would reject fails it.
     bad = units["hsm-only"].with_name("bad.service")
@@ -155,10 +169,17 @@ def test_boot_unit_attaches_serves_and_detaches_unattended(boot, tmp_path):
     hsm_only = read_unit(units["hsm-only"])
     cp = run_unit(hsm_only, "ExecStart", None)
     assert cp.returncode == errors.SomeDisksFailed.exit_code, cp.stderr
-    assert b"1 of 2 disks could not be attached" in cp.stderr
+    assert b"1 of 2 disks could not be attached" in cp.stderr     # rd is not its disk
     assert b"disk ld" in cp.stderr and b"passphrase" in cp.stderr
-    assert states(env) == {"hd": "attached", "ld": "available"}
+    assert states(env) == {"hd": "attached", "ld": "available", "rd": "available"}
     check_data(env, data, {"hd"})
+    # The network unit (once the network is up) attaches the disk on Ceph, only it.
+    net = read_unit(units["hsm-only"].with_name(NET_UNIT))
+    cp = run_unit(net, "ExecStart", None)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.decode().split("\n")[0] == "attached disk rd"
+    assert states(env) == {"hd": "attached", "ld": "available", "rd": "attached"}
+    check_data(env, data, {"hd", "rd"})
 
     # With the credential unit: the local-key disk attaches too; hd was attached already.
     unit = read_unit(units["with-credential"])
@@ -180,10 +201,14 @@ def test_boot_unit_attaches_serves_and_detaches_unattended(boot, tmp_path):
     finally:
         away.rename(token_dir)
 
-    # Shutdown: ExecStop detaches everything.
+    # Shutdown, in the reverse order: the network unit's ExecStop detaches its disk
+    # only, then the other unit's the rest.
+    cp = run_unit(net, "ExecStop", None)
+    assert cp.returncode == 0, cp.stderr
+    assert states(env) == {"hd": "attached", "ld": "attached", "rd": "available"}
     cp = run_unit(unit, "ExecStop", creds)
     assert cp.returncode == 0, cp.stderr
-    assert states(env) == {"hd": "available", "ld": "available"}
+    assert states(env) == {"hd": "available", "ld": "available", "rd": "available"}
 
 
 def test_boot_waits_for_a_token_that_is_not_there_yet(boot, tmp_path):
