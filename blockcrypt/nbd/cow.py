@@ -52,7 +52,7 @@ import socket
 import threading
 
 from ..storage.chunkcopy import CowCopy
-from ..system.unixpath import unix_socket_path
+from ..system.unixpath import close_listener, listen_private, unix_socket_path
 
 __all__ = ["CowCopy", "CowServer", "take_over"]
 
@@ -74,17 +74,7 @@ class CowServer:
     def __init__(self, path: str, backend):
         self.path = path
         self.backend = backend
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        self.sock.listen(4)
+        self.sock = listen_private(path, 4)
         self.thread = threading.Thread(target=self._serve, name="blockcrypt-cow", daemon=True)
         self.thread.start()
 
@@ -128,11 +118,7 @@ class CowServer:
         run_copy(conn, copy, self.backend)
 
     def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        close_listener(self.sock, self.path)
 
 
 def run_copy(conn: socket.socket, copy: CowCopy, backend) -> None:

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 
 from .. import errors
-from .unixpath import unix_socket_path
+from .unixpath import close_listener, listen_private
 
 START_TIMEOUT_S = 30.0
 # How long a server that connected to the hand-over socket may take to say which
@@ -134,23 +134,8 @@ class HandoffListener:
 
     def __init__(self, path: str):
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            try:
-                os.unlink(path)              # a killed create's (its marker was stale)
-            except FileNotFoundError:
-                pass
-            old = os.umask(0o077)
-            try:
-                with unix_socket_path(path) as short:
-                    self.sock.bind(short)
-            finally:
-                os.umask(old)
-            self.sock.listen(4)
-            self.sock.setblocking(False)
-        except BaseException:
-            self.close()
-            raise
+        self.sock = listen_private(path, 4)     # replaces a killed create's socket
+        self.sock.setblocking(False)
 
     def poll(self, src_fd: int) -> socket.socket | None:
         """A connection from a server of the very file open as src_fd that wants
@@ -181,8 +166,4 @@ class HandoffListener:
 
     def close(self) -> None:
         """Stop listening (a server that connects later finds no copy to take)."""
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        close_listener(self.sock, self.path)

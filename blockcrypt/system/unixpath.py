@@ -1,13 +1,18 @@
-"""Unix socket names longer than sun_path allows.
+"""Unix sockets of the snapshot copy: names longer than sun_path allows, and the
+private listening sockets both copy servers open.
 
 Owns :func:`unix_socket_path`, used by both ends of the hand-over socket of a
 detached disk's snapshot (``run/.snapshots/<disk id>.sock``, whose full path
-under a deep home exceeds the 107 bytes a Unix socket address may have).
+under a deep home exceeds the 107 bytes a Unix socket address may have), and
+:func:`listen_private` / :func:`close_listener`, used by the server's copy
+socket (:mod:`blockcrypt.nbd.cow`) and by ``snapshot create``'s hand-over
+listener (:mod:`blockcrypt.system.cowclient`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 
 # sun_path holds 108 bytes including the terminating NUL.
@@ -29,3 +34,30 @@ def unix_socket_path(path: str) -> Iterator[str]:
         yield f"/proc/self/fd/{dfd}/{name}"
     finally:
         os.close(dfd)
+
+
+def listen_private(path: str, backlog: int) -> socket.socket:
+    """A Unix stream socket listening at ``path`` that only its owner may connect to
+    (bound under umask 077), in place of a stale socket file a killed process left."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old = os.umask(0o077)
+        try:
+            with unix_socket_path(path) as short:
+                sock.bind(short)
+        finally:
+            os.umask(old)
+        sock.listen(backlog)
+    except BaseException:
+        close_listener(sock, path)
+        raise
+    return sock
+
+
+def close_listener(sock: socket.socket, path: str) -> None:
+    """Stop listening and remove the socket file (a later client finds nobody)."""
+    sock.close()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
