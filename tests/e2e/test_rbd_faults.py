@@ -193,12 +193,9 @@ def create(env, name: str) -> None:
     env.create(name, "64M", "--store", STORE)
 
 
-# -- OSD stopped mid-write ---------------------------------------------------------------
-
-@pytest.mark.parametrize("how", ["killed", "frozen"])
-def test_osd_stopped_mid_write_gives_eio_and_keeps_acknowledged_writes(rbd_env, ceph_cluster,
-                                                                       how):
-    env = rbd_env
+def writing_vol_until_a_fault(env, ceph_cluster: Cluster) -> tuple[Writer, int]:
+    """Disks ``vol`` and ``other``; a writer on ``vol`` with writes acknowledged, told
+    the fault begins now.  Returns it and the OSD's ``up_from`` (for restart_osd)."""
     create(env, "vol")
     create(env, "other")
     w = Writer(env.attach("vol")["device"])
@@ -206,6 +203,27 @@ def test_osd_stopped_mid_write_gives_eio_and_keeps_acknowledged_writes(rbd_env, 
     w.wait_for_acks(ACKED_BEFORE_FAULT)
     up_from = osd_up_from(ceph_cluster)
     w.fault()
+    return w, up_from
+
+
+def attach_refused_promptly(env, error: type[errors.BlockcryptError]) -> str:
+    """``disk attach other`` during the fault: refused with ``error`` within the bound,
+    naming the store, changing nothing; returns the message."""
+    t0 = time.monotonic()
+    msg = env.refused(error, "disk", "attach", "other")
+    assert time.monotonic() - t0 < EIO_DEADLINE_S
+    assert f"'{STORE}'" in msg and "Traceback" not in msg, msg
+    assert env.json("disk", "show", "other")["state"] == "available"
+    return msg
+
+
+# -- OSD stopped mid-write ---------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_osd_stopped_mid_write_gives_eio_and_keeps_acknowledged_writes(rbd_env, ceph_cluster,
+                                                                       how):
+    env = rbd_env
+    w, up_from = writing_vol_until_a_fault(env, ceph_cluster)
     kill_osd(ceph_cluster, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
 
     took = expect_eio(w, ceph_cluster, f"OSD {how}",
@@ -215,11 +233,8 @@ def test_osd_stopped_mid_write_gives_eio_and_keeps_acknowledged_writes(rbd_env, 
     if how == "frozen":
         # the monitors answer, the OSD does not: a command's refusal says so, names
         # the disk, and points at the cluster's health, within its bound
-        t0 = time.monotonic()
-        msg = env.refused(errors.StoreNotAnswering, "disk", "attach", "other")
-        assert time.monotonic() - t0 < EIO_DEADLINE_S
-        assert "'other'" in msg and f"'{STORE}'" in msg and "ceph -s" in msg, msg
-        assert env.json("disk", "show", "other")["state"] == "available"
+        msg = attach_refused_promptly(env, errors.StoreNotAnswering)
+        assert "'other'" in msg and "ceph -s" in msg, msg
 
     restart_osd(ceph_cluster, up_from_before=up_from)
     assert_acked_intact(env, "vol", w)
@@ -229,13 +244,7 @@ def test_osd_stopped_mid_write_gives_eio_and_keeps_acknowledged_writes(rbd_env, 
 
 def test_cluster_unreachable_gives_eio_and_a_clear_refusal(rbd_env, ceph_cluster):
     env = rbd_env
-    create(env, "vol")
-    create(env, "other")
-    w = Writer(env.attach("vol")["device"])
-    w.start()
-    w.wait_for_acks(ACKED_BEFORE_FAULT)
-    up_from = osd_up_from(ceph_cluster)
-    w.fault()
+    w, up_from = writing_vol_until_a_fault(env, ceph_cluster)
     for name in OTHER_DAEMONS:
         os.kill(daemon_pid(ceph_cluster, name), signal.SIGSTOP)
     kill_osd(ceph_cluster, signal.SIGSTOP)
@@ -246,12 +255,7 @@ def test_cluster_unreachable_gives_eio_and_a_clear_refusal(rbd_env, ceph_cluster
 
     try:
         expect_eio(w, ceph_cluster, "cluster unreachable", recover)
-        t0 = time.monotonic()
-        msg = env.refused(errors.StoreUnreachable, "disk", "attach", "other")
-        assert time.monotonic() - t0 < EIO_DEADLINE_S
-        assert f"'{STORE}'" in msg, msg
-        assert "Traceback" not in msg
-        assert env.json("disk", "show", "other")["state"] == "available"
+        attach_refused_promptly(env, errors.StoreUnreachable)
     finally:
         recover()
     assert_acked_intact(env, "vol", w)
