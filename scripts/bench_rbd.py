@@ -209,7 +209,7 @@ def snapshot_row(cluster: Cluster, workdir: Path, data_bytes: int, baseline_s: f
     """Attach an encrypted RBD disk, fill it with ``data_bytes`` on ext4, and time
     `snapshot create` while an fsync writer runs on it."""
     from bench_attach import cli
-    from bench_snapshot import Writer, writes_around
+    from bench_snapshot import Writer, release, writes_around
     home, pf, mnt = workdir / "snap-home", workdir / "passphrase", workdir / "snap-mnt"
     attached = mounted = False
     try:
@@ -241,12 +241,7 @@ def snapshot_row(cluster: Cluster, workdir: Path, data_bytes: int, baseline_s: f
                 "snap_max_ms": smax, "writes_during": n_during, "wall_s": wall_s,
                 "snapshot": json.loads(snap_out)}
     finally:
-        if mounted:
-            subprocess.run(["umount", str(mnt)], capture_output=True)
-        if attached:
-            subprocess.run([sys.executable, "-m", "blockcrypt", "--home", str(home),
-                            "--passphrase-file", str(pf), "disk", "detach", "vol"],
-                           capture_output=True)
+        release(home, pf, mnt, mounted=mounted, attached=attached)
 
 
 # -- summary --------------------------------------------------------------------

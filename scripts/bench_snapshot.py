@@ -86,6 +86,17 @@ def writes_around(w: Writer, baseline_s: float, action):
     during = [lat for t, lat in w.samples if t0 <= t <= t1]
     return out, t1 - t0, stats(base), stats(during), len(during)
 
+def release(home: Path, pf: Path, mnt: Path, *, mounted: bool, attached: bool) -> None:
+    """Unmount the file system at ``mnt`` and detach disk ``vol`` of ``home``, as far as
+    they were set up (best effort: for a benchmark's ``finally``)."""
+    if mounted:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+    if attached:
+        subprocess.run([sys.executable, "-m", "blockcrypt", "--home", str(home),
+                        "--passphrase-file", str(pf), "disk", "detach", "vol"],
+                       capture_output=True, cwd=REPO)
+
+
 def one(fs: str, size: int, work: Path, baseline_s: float) -> dict:
     image, fsmnt = work / f"{fs}.img", work / f"{fs}-mnt"
     with open(image, "wb") as f:
@@ -120,12 +131,7 @@ def one(fs: str, size: int, work: Path, baseline_s: float) -> dict:
                 "copied_before_write_mib": snap["copied_before_write_bytes"] / 2 ** 20,
                 "targets_met": ok}
     finally:
-        if mounted:
-            subprocess.run(["umount", str(mnt)], capture_output=True)
-        if attached:
-            subprocess.run([sys.executable, "-m", "blockcrypt", "--home", str(home),
-                            "--passphrase-file", str(pf), "disk", "detach", "vol"],
-                           capture_output=True, cwd=REPO)
+        release(home, pf, mnt, mounted=mounted, attached=attached)
         subprocess.run(["umount", str(fsmnt)], capture_output=True)
         image.unlink(missing_ok=True)
 
