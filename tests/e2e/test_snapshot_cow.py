@@ -25,14 +25,14 @@ from blockcrypt.testing.crashpoints import ENV_CRASH_AT, ENV_STOP_AT
 
 from support import procstate
 from support.cli import REPO
-from support.env import Env, dd_read, dd_write
+from support.env import Env, dd_read, dd_write, slow_copy
 from support.prereq import require_block_devices
 from support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 MiB = 1024 * 1024
-SLOW = {"BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S": "0.05"}
+SLOW = slow_copy(0.05)
 OLD = bytes(range(256)) * (16 * MiB // 256)          # 16 MiB written before the snapshot
 NEW = b"\xa5" * (16 * MiB)                           # overwrites after it
 

@@ -98,11 +98,12 @@ def open_store(home: Path, passphrase_file: Path) -> KeyStore:
     return KeyStore.open(Home(home), lambda: read_passphrase_file(str(passphrase_file)))
 
 
-def slow_copy(delay_s: float, lifted: Path) -> dict[str, str]:
+def slow_copy(delay_s: float, lifted: Path | None = None) -> dict[str, str]:
     """Environment that slows a snapshot's background copy (the test-only knob of
-    blockcrypt.storage.chunkcopy) by ``delay_s`` per chunk until ``lifted`` exists:
-    the test touches it once the windows it needed are behind it."""
-    return {"BLOCKCRYPT_TESTONLY_COW_CHUNK_DELAY_S": f"{delay_s}:{lifted}"}
+    blockcrypt.storage.chunkcopy) by ``delay_s`` per chunk, for good or until
+    ``lifted`` exists: the test touches it once the windows it needed are behind it."""
+    from blockcrypt.storage.chunkcopy import TESTONLY_DELAY_ENV
+    return {TESTONLY_DELAY_ENV: f"{delay_s}" + (f":{lifted}" if lifted else "")}
 
 
 def container_path(home: Path, table: str, name: str) -> Path:

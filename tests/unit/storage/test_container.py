@@ -71,11 +71,10 @@ def put(path: Path, offset: int, data: bytes) -> None:
 def flip_on_disk(path: Path, offset: int) -> None:
     """Damage one byte whatever it held (a constant written over a random header
     byte leaves it unchanged once in 256 runs)."""
-    with open(path, "r+b") as f:
+    with open(path, "rb") as f:
         f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0xFF]))
+        byte = f.read(1)
+    put(path, offset, flip(byte, 0, 0xFF))
 
 
 def header_area(path: Path) -> bytes:
