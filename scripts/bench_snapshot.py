@@ -69,7 +69,6 @@ def stats(samples: list[float]) -> tuple[float, float]:
     return s[min(len(s) - 1, int(0.99 * len(s)))] * 1000, s[-1] * 1000
 
 
-
 def writes_around(w: Writer, baseline_s: float, action):
     """Run ``action`` after ``baseline_s`` of the writer ``w`` (started here, stopped
     and closed after): ``(action's result, its wall time in s, (p99, max) ms of the
@@ -85,6 +84,7 @@ def writes_around(w: Writer, baseline_s: float, action):
     base = [lat for t, lat in w.samples if t < t0]
     during = [lat for t, lat in w.samples if t0 <= t <= t1]
     return out, t1 - t0, stats(base), stats(during), len(during)
+
 
 def release(home: Path, pf: Path, mnt: Path, *, mounted: bool, attached: bool) -> None:
     """Unmount the file system at ``mnt`` and detach disk ``vol`` of ``home``, as far as

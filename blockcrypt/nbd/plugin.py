@@ -359,6 +359,7 @@ def can_cache(h):
 _pinned = _thread_states._local
 _getattr = getattr
 
+
 def pread(h, buf, offset, flags):
     if _getattr(_pinned, "conn", None) is None:
         _thread_states.pin(h)

@@ -137,6 +137,7 @@ def _progress(marker) -> Callable[[int, int], None]:
         display(done_bytes, total_bytes)
     return progress
 
+
 def _mounts_to_freeze(disk: sqlite3.Row, att: sqlite3.Row) -> list[str]:
     mounts = fsfreeze.mounts_of(att["device"]) if att["device"] else []
     if not mounts:

@@ -127,7 +127,6 @@ class CowSession:
         self.close()
 
 
-
 class HandoffListener:
     """The socket where a server that starts while a detached disk's snapshot is
     copied asks to take the copy over (protocol: :mod:`blockcrypt.nbd.cow`)."""

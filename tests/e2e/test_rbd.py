@@ -262,7 +262,6 @@ def test_snapshots_clones_and_reset_on_rbd(env, ceph_cluster, tmp_path):
     assert not [i for i in ceph_cluster.images() if d["id"] in i or c["id"] in i]
 
 
-
 CREATE_STEPS = ["disk-create.after-file", "disk-create.in-txn", "disk-create.after-row"]
 DELETE_STEPS = ["disk-delete.in-txn", "disk-delete.after-row"]
 SNAPSHOT_STEPS = ["snapshot.before-commit", "snapshot.after-commit"]

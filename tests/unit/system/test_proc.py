@@ -14,6 +14,7 @@ from support.wait import wait_for
 
 # -- run(): error mapping (the runner is the only thing mocked) ----------------
 
+
 def test_run_missing_tool_maps_to_missing_tool(monkeypatch):
     def runner(argv, **kw):
         raise FileNotFoundError(2, "No such file", argv[0])
