@@ -17,7 +17,7 @@ only ever acts on this host's markers (a process of another host cannot be
 checked for life, and its catalog is not ours).
 
 This module owns no policy: no catalog rows beyond what :meth:`recover` checks,
-no keys, no processes.  It is slightly over 500 lines and kept whole: it is one
+no keys, no processes.  It is over 500 lines and kept whole: it is one
 class implementing one contract (:class:`~.store.Store`), and splitting the
 publish/recover half from the rest would separate the naming rules both halves
 share.
@@ -360,15 +360,19 @@ class RbdStore(Store[RbdLoc]):
         except rbd.Error as exc:
             raise ceph_error(self.cfg, exc, image=old) from None
 
+    def _rename_snap(self, image: RbdLoc, old: str, new: str) -> bool:
+        """rbd snap rename on ``image``'s image; False if it or the snapshot is missing."""
+        _, rbd = modules()
+        try:
+            with self.image(image.named(image.image)) as img:
+                img.rename_snap(old, new)
+            return True
+        except (errors.ImageMissing, rbd.ImageNotFound):
+            return False
+
     def publish(self, staged: RbdLoc, final: RbdLoc) -> bool:
         if final.snap is not None:
-            _, rbd = modules()
-            try:
-                with self.image(final.named(final.image)) as img:
-                    img.rename_snap(staged.snap, final.snap)
-                return True
-            except (errors.ImageMissing, rbd.ImageNotFound):
-                return False
+            return self._rename_snap(final, staged.snap, final.snap)
         return self._rename(staged.image, final.image)
 
     def swap(self, staged: RbdLoc, final: RbdLoc) -> None:
@@ -412,12 +416,7 @@ class RbdStore(Store[RbdLoc]):
                                         f"{', '.join(children)}; delete those disks first")
             doomed = RbdLoc(final.store, final.image, f"{final.snap}{DELETED_MARK}{host_name()}",
                             owner=final.owner)
-            try:
-                with self.image(final.named(final.image)) as img:
-                    if final.snap in [s["name"] for s in img.list_snaps()]:
-                        img.rename_snap(final.snap, doomed.snap)
-            except errors.ImageMissing:
-                pass                    # nothing left to remove: drop the row
+            self._rename_snap(final, final.snap, doomed.snap)   # missing: just drop the row
             return doomed
         names = self._snaps_or_empty(final)
         if names:
@@ -476,8 +475,7 @@ class RbdStore(Store[RbdLoc]):
                     row = conn.execute("SELECT 1 FROM snapshots WHERE id = ? AND path = ?",
                                        (final.snap, str(final))).fetchone()
                     if row is not None:
-                        with self.image(disk) as img:
-                            img.rename_snap(name, final.snap)
+                        self._rename_snap(disk, name, final.snap)
                         actions.append(f"restored {final} (delete did not commit)")
                     else:
                         self.remove(RbdLoc(disk.store, disk.image, name))
